@@ -1,0 +1,13 @@
+"""easympt: MosaicML's MPT in JAX/Flax — exact to the PyTorch model, sharded, served."""
+
+from easympt.cache import KVCache
+from easympt.config import AttnConfig, ConfigError, FfnConfig, MptConfig
+from easympt.dtypes import default_compute_dtype
+from easympt.model import FlaxMptForCausalLM, FlaxMptOutput, MptForCausalLMModule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttnConfig", "ConfigError", "FfnConfig", "FlaxMptForCausalLM", "FlaxMptOutput", "KVCache",
+    "MptConfig", "MptForCausalLMModule", "default_compute_dtype", "__version__",
+]

@@ -1,0 +1,230 @@
+"""MPT building blocks: ALiBi, masks, norms, attention (with KV cache), FFN.
+
+Shapes: B batch, T new tokens, S key slots, H query heads, K kv heads,
+G = H // K query heads per kv head, D head dim, E d_model, F ffn width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from easympt.cache import write_rows
+from easympt.config import MptConfig
+from easympt.sharding import constrain
+
+
+# ----------------------------------------------------------------------- ALiBi
+def alibi_slopes(n_heads: int, alibi_bias_max: float = 8) -> np.ndarray:
+    """Per-head ALiBi slopes [H], llm-foundry's rule (`gen_slopes`).
+
+    For a head count that is not a power of two, slopes are taken from the
+    next power of two, odd positions first, then even ones.
+    """
+    n = 2 ** math.ceil(math.log2(n_heads))
+    m = np.arange(1, n + 1, dtype=np.float32) * (alibi_bias_max / n)
+    slopes = 1.0 / np.power(2.0, m)
+    if n != n_heads:
+        slopes = np.concatenate([slopes[1::2], slopes[::2]])[:n_heads]
+    return slopes.astype(np.float32)
+
+
+def alibi_bias(slopes: jax.Array, q_slots: jax.Array, k_slots: jax.Array) -> jax.Array:
+    """-slope * |q - k|: [B, H, T, S] from slopes [H], q_slots [B, T], k_slots [S].
+
+    Causal rows only see k <= q, where this is llm-foundry's bias up to a
+    per-row constant (softmax ignores it); prefix-LM rows need the symmetric
+    form, which llm-foundry builds with `full=True`.
+    """
+    dist = jnp.abs(q_slots[:, :, None] - k_slots[None, None, :]).astype(jnp.float32)
+    return -slopes[None, :, None, None] * dist[:, None]
+
+
+def attention_allowed(q_slots, k_slots, key_valid, *, causal: bool, key_prefix=None,
+                   q_sequence_id=None, k_sequence_id=None) -> jax.Array:
+    """Which key slots each query may attend: [B, 1, T, S] bool.
+
+    q_slots [B, T], k_slots [S], key_valid [B, S]. `key_prefix` [B, S] marks
+    prefix-LM keys that every query of the row may see; sequence ids [B, T] /
+    [B, S] keep packed documents apart.
+    """
+    allowed = key_valid[:, None, :]
+    if causal or key_prefix is not None:
+        order = k_slots[None, None, :] <= q_slots[:, :, None]
+        if key_prefix is not None:
+            order = order | key_prefix[:, None, :]
+        allowed = allowed & order
+    if q_sequence_id is not None:
+        allowed = allowed & (q_sequence_id[:, :, None] == k_sequence_id[:, None, :])
+    return allowed[:, None]
+
+
+# ----------------------------------------------------------------------- init
+def _variance_scaling(ic: dict, dist: str, mode_key: str, scale: float, in_axis=-2, out_axis=-1):
+    mode = ic.get(mode_key, "fan_in")
+    return nn.initializers.variance_scaling(scale, mode, dist, in_axis=in_axis, out_axis=out_axis)
+
+
+def _torch_gain(nonlinearity: str, a: float) -> float:
+    if nonlinearity == "relu":
+        return math.sqrt(2.0)
+    if nonlinearity == "leaky_relu":
+        return math.sqrt(2.0 / (1 + a * a))
+    return 1.0
+
+
+def initializers(config: MptConfig):
+    """(kernel_init, residual_kernel_init, embedding_init) from llm-foundry's init_config.
+
+    Residual projections (out_proj, down_proj) are scaled down by
+    sqrt(2 * n_layers) when `init_div_is_residual`, as in llm-foundry.
+    Without an init_config, transformers' normal(initializer_range).
+    """
+    ic = config.init_config
+    if not ic:
+        n = nn.initializers.normal(config.initializer_range)
+        return n, n, n
+    name = ic.get("name", "kaiming_normal_")
+    div = ic.get("init_div_is_residual", True)
+    if div is True:
+        div = math.sqrt(2 * config.n_layers)
+    div = float(div) if div else 1.0
+
+    def make(scale_mult: float, emb: bool = False):
+        axes = dict(in_axis=-1, out_axis=-2) if emb else {}
+        if name == "baseline_":
+            return nn.initializers.normal(ic.get("init_std", 0.02) / math.sqrt(scale_mult))
+        if name in ("kaiming_normal_", "kaiming_uniform_"):
+            gain = _torch_gain(ic.get("init_nonlinearity", "leaky_relu"), ic.get("init_gain", 0.0))
+            dist = "normal" if name.endswith("normal_") else "uniform"
+            return _variance_scaling(ic, dist, "fan_mode", gain * gain / scale_mult, **axes)
+        if name in ("xavier_normal_", "xavier_uniform_"):
+            gain = ic.get("init_gain", 0.0) or 1.0
+            dist = "normal" if name.endswith("normal_") else "uniform"
+            return nn.initializers.variance_scaling(gain * gain / scale_mult, "fan_avg", dist, **axes)
+        if name == "small_init_":
+            return nn.initializers.normal(math.sqrt(2 / (5 * config.d_model)) / math.sqrt(scale_mult))
+        if name == "neox_init_":
+            if scale_mult == 1.0:
+                return nn.initializers.normal(math.sqrt(2 / (5 * config.d_model)))
+            return nn.initializers.normal(2 / config.n_layers / math.sqrt(config.d_model))
+        raise AssertionError(name)  # MptConfig validated the name
+
+    kernel, residual = make(1.0), make(div * div)
+    if ic.get("emb_init_std") is not None:
+        emb = nn.initializers.normal(ic["emb_init_std"])
+    elif ic.get("emb_init_uniform_lim") is not None:
+        lim = ic["emb_init_uniform_lim"]
+        lo, hi = (-lim, lim) if isinstance(lim, (int, float)) else lim
+
+        def emb(key, shape, dtype=jnp.float32):
+            return jax.random.uniform(key, shape, dtype, lo, hi)
+    else:
+        emb = make(1.0, emb=True)
+    return kernel, residual, emb
+
+
+# ----------------------------------------------------------------------- norms
+def make_norm(config: MptConfig, name: str, dtype, param_dtype) -> nn.Module:
+    """LayerNorm or RMSNorm, statistics always in float32 (the low_precision_
+    variants differ from the plain ones only in autocast dtype)."""
+    if config.norm_type.endswith("rmsnorm"):
+        return nn.RMSNorm(epsilon=config.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
+    return nn.LayerNorm(epsilon=config.layer_norm_epsilon, use_bias=not config.no_bias,
+                        use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+# ------------------------------------------------------------------- attention
+class MptAttention(nn.Module):
+    config: MptConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    precision: jax.lax.Precision | None = None
+    mesh: jax.sharding.Mesh | None = None
+
+    @nn.compact
+    def __call__(self, x, mask, slots, layer_cache=None, write_index=None, deterministic=True):
+        """x [B, T, E]; mask [B, 1, T, S]; slots (q_slots [B, T], k_slots [S]) for ALiBi.
+
+        The ALiBi bias is built here, next to the scores, so XLA fuses it
+        instead of keeping a [B, H, T, S] tensor alive across layers.
+        layer_cache: (keys, values) buffers [B, S, K, D] to write the new keys
+        into at `write_index` [B]; returns (out [B, T, E], new layer_cache).
+        """
+        c = self.config
+        B, T, _ = x.shape
+        H, K, D = c.n_heads, c.kv_heads, c.head_dim
+        kernel_init, residual_init, _ = initializers(c)
+        dense = lambda n, name, init: nn.Dense(  # noqa: E731
+            n, use_bias=not c.no_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            precision=self.precision, kernel_init=init, name=name)
+
+        qkv = dense((H + 2 * K) * D, "Wqkv", kernel_init)(x)
+        if c.attn_config.clip_qkv is not None:
+            qkv = jnp.clip(qkv, -c.attn_config.clip_qkv, c.attn_config.clip_qkv)
+        q, k, v = jnp.split(qkv, [H * D, (H + K) * D], axis=-1)
+        if c.attn_config.qk_ln:
+            q = make_norm(c, "q_ln", self.dtype, self.param_dtype)(q).astype(qkv.dtype)
+            k = make_norm(c, "k_ln", self.dtype, self.param_dtype)(k).astype(qkv.dtype)
+        q = constrain(q.reshape(B, T, H, D), self.mesh, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k.reshape(B, T, K, D), self.mesh, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v.reshape(B, T, K, D), self.mesh, ("batch", "length", "kv_heads", "head_dim"))
+
+        if layer_cache is not None:
+            k = write_rows(layer_cache[0], k, write_index)
+            v = write_rows(layer_cache[1], v, write_index)
+            layer_cache = (k, v)
+
+        scale = c.attn_config.softmax_scale or 1.0 / math.sqrt(D)
+        qg = q.reshape(B, T, K, H // K, D)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), precision=self.precision,
+                            preferred_element_type=jnp.float32) * scale
+        S = scores.shape[-1]
+        if c.attn_config.alibi:
+            slopes = jnp.asarray(alibi_slopes(H, c.attn_config.alibi_bias_max))
+            scores = scores + alibi_bias(slopes, *slots).reshape(B, K, H // K, T, S)
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        if c.attn_config.attn_pdrop and not deterministic:
+            probs = nn.Dropout(c.attn_config.attn_pdrop)(probs, deterministic=False)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype), precision=self.precision)
+        out = constrain(out.reshape(B, T, H * D), self.mesh, ("batch", "length", "heads"))
+        return dense(c.d_model, "out_proj", residual_init)(out), layer_cache
+
+
+# ------------------------------------------------------------------------- FFN
+def activation(config: MptConfig):
+    f = config.ffn_config
+    if f.act_name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=f.act_approximate == "tanh")
+    return {"silu": jax.nn.silu, "relu": jax.nn.relu}[f.act_name]
+
+
+class MptFFN(nn.Module):
+    """mptmlp: down(act(up(x))); mptglu: down(act(gate(x)) * up(x))."""
+
+    config: MptConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    precision: jax.lax.Precision | None = None
+    mesh: jax.sharding.Mesh | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        kernel_init, residual_init, _ = initializers(c)
+        dense = lambda n, name, init: nn.Dense(  # noqa: E731
+            n, use_bias=c.ffn_uses_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            precision=self.precision, kernel_init=init, name=name)
+        act = activation(c)
+        h = dense(c.ffn_hidden_size, "up_proj", kernel_init)(x)
+        if c.ffn_config.ffn_type == "mptglu":
+            h = act(dense(c.ffn_hidden_size, "gate_proj", kernel_init)(x)) * h
+        else:
+            h = act(h)
+        h = constrain(h, self.mesh, ("batch", "length", "mlp"))
+        return dense(c.d_model, "down_proj", residual_init)(h)

@@ -1,0 +1,228 @@
+"""The MPT trunk, the causal-LM module and the FlaxMptForCausalLM wrapper.
+
+Parameter names follow the Hugging Face checkpoint (`transformer/blocks_3/
+attn/Wqkv/kernel` <-> `transformer.blocks.3.attn.Wqkv.weight`), so the
+converter's name map is one short table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from easympt.cache import KVCache, write_rows
+from easympt.config import MptConfig
+from easympt.dtypes import default_compute_dtype, resolve_dtype
+from easympt.layers import MptAttention, MptFFN, attention_allowed, initializers, make_norm
+from easympt.sharding import constrain
+
+
+class MptBlock(nn.Module):
+    config: MptConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    mesh: Any = None
+
+    @nn.compact
+    def __call__(self, x, mask, slots, layer_cache=None, write_index=None, deterministic=True):
+        c = self.config
+        sub = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                   mesh=self.mesh)
+        h, layer_cache = MptAttention(**sub, name="attn")(
+            make_norm(c, "norm_1", self.dtype, self.param_dtype)(x), mask, slots, layer_cache,
+            write_index, deterministic)
+        x = x + nn.Dropout(c.resid_pdrop)(h, deterministic=deterministic or not c.resid_pdrop)
+        h = MptFFN(**sub, name="ffn")(make_norm(c, "norm_2", self.dtype, self.param_dtype)(x))
+        x = x + nn.Dropout(c.resid_pdrop)(h, deterministic=deterministic or not c.resid_pdrop)
+        return constrain(x, self.mesh, ("batch", "length", "embed")), layer_cache
+
+
+class MptTransformer(nn.Module):
+    """Embeddings, blocks and final norm: hidden states [B, T, E]."""
+
+    config: MptConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    mesh: Any = None
+
+    def setup(self):
+        c = self.config
+        _, _, emb_init = initializers(c)
+        self.wte = nn.Embed(c.vocab_size, c.d_model, embedding_init=emb_init, dtype=self.dtype,
+                            param_dtype=self.param_dtype)
+        if c.uses_learned_pos_emb:
+            self.wpe = nn.Embed(c.max_seq_len, c.d_model, embedding_init=emb_init, dtype=self.dtype,
+                                param_dtype=self.param_dtype)
+        self.blocks = [MptBlock(c, self.dtype, self.param_dtype, self.precision, self.mesh)
+                       for _ in range(c.n_layers)]
+        self.norm_f = make_norm(c, None, self.dtype, self.param_dtype)
+        self.emb_drop = nn.Dropout(c.emb_pdrop)
+
+    def __call__(self, input_ids, attention_mask=None, cache: KVCache | None = None, prefix_mask=None,
+                 sequence_id=None, deterministic=True):
+        c = self.config
+        B, T = input_ids.shape
+        mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        if sequence_id is not None and not c.attn_config.attn_uses_sequence_id:
+            raise ValueError("sequence_id was passed but config.attn_config.attn_uses_sequence_id is False")
+        if prefix_mask is not None and not c.attn_config.prefix_lm:
+            raise ValueError("prefix_mask was passed but config.attn_config.prefix_lm is False")
+        if c.attn_config.prefix_lm and prefix_mask is None:
+            raise ValueError("a prefix_lm model needs prefix_mask [B, T] (1 on the bidirectional prefix)")
+
+        x = self.wte(input_ids)
+        if c.uses_learned_pos_emb:
+            before = cache.n_tokens[:, None] if cache is not None else 0
+            m = mask.astype(jnp.int32)
+            pos = before + jnp.cumsum(m, axis=1) - m  # real tokens before each token: left padding skipped
+            x = x + self.wpe(jnp.clip(pos, 0, c.max_seq_len - 1))
+        if c.embedding_fraction < 1.0:  # CogView's trick: same forward, scaled embedding gradient
+            x = x * c.embedding_fraction + jax.lax.stop_gradient(x) * (1 - c.embedding_fraction)
+        x = self.emb_drop(x, deterministic=deterministic or not c.emb_pdrop)
+        x = constrain(x, self.mesh, ("batch", "length", "embed"))
+
+        prefix = None if prefix_mask is None else prefix_mask.astype(bool)
+        if cache is None:
+            index = jnp.zeros((B,), jnp.int32)
+            k_slots = jnp.arange(T, dtype=jnp.int32)
+            key_valid, key_prefix = mask, prefix
+        else:
+            if sequence_id is not None:
+                raise ValueError("sequence_id (packed training documents) cannot be used with a KV cache")
+            index = cache.index
+            k_slots = jnp.arange(cache.max_length, dtype=jnp.int32)
+            key_valid = write_rows(cache.key_valid, mask, index)
+            key_prefix = None if prefix is None else write_rows(jnp.zeros_like(key_valid), prefix, index)
+        q_slots = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+        allowed = attention_allowed(q_slots, k_slots, key_valid, causal=c.causal, key_prefix=key_prefix,
+                                    q_sequence_id=sequence_id, k_sequence_id=sequence_id)
+
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x, layer_cache = block(x, allowed, (q_slots, k_slots), layer_cache, index, deterministic)
+            if layer_cache is not None:
+                keys.append(layer_cache[0])
+                values.append(layer_cache[1])
+        x = self.norm_f(x)
+        if cache is not None:
+            cache = cache.replace(keys=tuple(keys), values=tuple(values), key_valid=key_valid,
+                                  index=index + T, n_tokens=cache.n_tokens + mask.sum(1).astype(jnp.int32))
+        return x, cache
+
+    def attend_embedding(self, x):
+        return self.wte.attend(x)
+
+
+class MptForCausalLMModule(nn.Module):
+    config: MptConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    mesh: Any = None
+
+    def setup(self):
+        c = self.config
+        self.transformer = MptTransformer(c, self.dtype, self.param_dtype, self.precision, self.mesh)
+        if not c.tie_word_embeddings:
+            kernel_init, _, _ = initializers(c)
+            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
+                                    param_dtype=self.param_dtype, precision=self.precision,
+                                    kernel_init=kernel_init)
+
+    def __call__(self, input_ids, attention_mask=None, cache=None, prefix_mask=None, sequence_id=None,
+                 deterministic=True, logits_slice=None):
+        """logits [B, T, V] (float32) and the updated cache.
+
+        `logits_slice` (start, size) projects only those positions onto the
+        vocabulary: prefill needs one position, not T.
+        """
+        h, cache = self.transformer(input_ids, attention_mask, cache, prefix_mask, sequence_id, deterministic)
+        if logits_slice is not None:
+            h = jax.lax.dynamic_slice_in_dim(h, logits_slice[0], logits_slice[1], axis=1)
+        if self.config.tie_word_embeddings:
+            logits = self.transformer.attend_embedding(h)
+        else:
+            logits = self.lm_head(h)
+        logits = logits.astype(jnp.float32)
+        if self.config.logit_multiplier is not None:
+            logits = logits * self.config.logit_multiplier
+        return constrain(logits, self.mesh, ("batch", "length", "vocab")), cache
+
+
+@flax.struct.dataclass
+class FlaxMptOutput:
+    logits: jax.Array
+    cache: KVCache | None = None
+
+
+def unwrap_params(params):
+    """Accept both the bare tree and the {"params": tree} that flax's apply wants."""
+    if isinstance(params, dict) and set(params) == {"params"}:
+        return params["params"]
+    return params
+
+
+class FlaxMptForCausalLM:
+    """transformers-Flax-style wrapper: holds the module, (optionally) params,
+    and a jitted forward. `params` are the bare tree ({"transformer": ...})."""
+
+    def __init__(self, config: MptConfig, dtype=None, param_dtype=jnp.float32, precision=None,
+                 _do_init: bool = True, input_shape=(1, 1), seed: int = 0, mesh=None):
+        self.config = config
+        self.dtype = resolve_dtype(dtype) or default_compute_dtype()
+        self.param_dtype = resolve_dtype(param_dtype)
+        self.input_shape = tuple(input_shape)
+        self.module = MptForCausalLMModule(config, self.dtype, self.param_dtype, precision, mesh)
+        self._forward = jax.jit(self._apply, static_argnames=("deterministic",))
+        self.params = self.init_weights(jax.random.PRNGKey(seed), self.input_shape) if _do_init else None
+
+    @property
+    def mesh(self):
+        return self.module.mesh
+
+    def init_weights(self, rng, input_shape=None):
+        ids = jnp.zeros(input_shape or self.input_shape, jnp.int32)
+        return self._init(rng, ids)
+
+    def _init(self, rng, ids):
+        extra = {"prefix_mask": jnp.ones_like(ids)} if self.config.attn_config.prefix_lm else {}
+        return self.module.init({"params": rng}, ids, **extra)["params"]
+
+    def params_shape(self):
+        """ShapeDtypeStruct tree of the parameters, without allocating them."""
+        ids = jnp.zeros((1, 1), jnp.int32)
+        return jax.eval_shape(self._init, jax.random.PRNGKey(0), ids)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        return KVCache.zeros(self.config, batch_size, max_length, dtype or self.dtype)
+
+    def _apply(self, params, input_ids, attention_mask, cache, prefix_mask, sequence_id, dropout_rng,
+               deterministic):
+        rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+        logits, cache = self.module.apply({"params": params}, input_ids, attention_mask, cache, prefix_mask,
+                                          sequence_id, deterministic, rngs=rngs)
+        return FlaxMptOutput(logits=logits, cache=cache)
+
+    def __call__(self, input_ids, attention_mask=None, params=None, cache: KVCache | None = None,
+                 prefix_mask=None, sequence_id=None, train: bool = False, dropout_rng=None) -> FlaxMptOutput:
+        params = unwrap_params(self.params if params is None else params)
+        if params is None:
+            raise ValueError("no params: pass params=... (the model was built with _do_init=False)")
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+        if attention_mask is not None:
+            attention_mask = jnp.asarray(attention_mask)
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+        if train and dropout_rng is None:
+            dropout_rng = jax.random.PRNGKey(0)
+        return self._forward(params, input_ids, attention_mask, cache, prefix_mask, sequence_id,
+                             dropout_rng if train else None, deterministic=not train)

@@ -1,0 +1,149 @@
+"""Meshes, partition rules and activation constraints, in one place.
+
+Parameters are matched to PartitionSpecs by regex over their '/'-joined path
+(EasyLM's habit); a parameter that no rule matches is an error, never a silent
+replicate. Activations name logical axes ("batch", "heads", ...) that
+LOGICAL_AXIS_RULES maps onto the mesh axes ("dp", "fsdp", "tp", "sp").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("dp", "fsdp", "tp", "sp")
+
+LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("dp", "fsdp"),
+    "length": "sp",
+    "embed": None,
+    "heads": "tp",
+    "kv_heads": "tp",
+    "head_dim": None,
+    "mlp": "tp",
+    "vocab": "tp",
+    "kv_length": None,
+}
+
+
+class PartitionRuleError(ValueError):
+    """Raised when a parameter matches no partition rule."""
+
+
+def create_mesh(shape: Sequence[int] = (1, -1, 1, 1), axis_names: Sequence[str] = MESH_AXES,
+                devices=None) -> Mesh:
+    """A mesh over all (global) devices; one -1 in `shape` takes the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = list(shape)
+    if len(shape) != len(axis_names):
+        raise ValueError(f"mesh shape {tuple(shape)} has {len(shape)} axes but names {tuple(axis_names)}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {tuple(shape)} has more than one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not fill mesh shape {tuple(shape)}")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, have {len(devices)}")
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # CPU / odd topologies: plain order is fine
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, tuple(axis_names))
+
+
+def mpt_partition_rules(fsdp: bool = True) -> tuple[tuple[str, P], ...]:
+    """FSDP shards the large dimension of every matrix over 'fsdp'; tensor parallel
+    splits heads, FFN and vocab over 'tp'. Kernels are [in, out]."""
+    f = "fsdp" if fsdp else None
+    return (
+        (r"transformer/wte/embedding$", P("tp", f)),
+        (r"transformer/wpe/embedding$", P(None, f)),
+        (r"attn/Wqkv/kernel$", P(f, "tp")),
+        (r"attn/Wqkv/bias$", P("tp")),
+        (r"attn/out_proj/kernel$", P("tp", f)),
+        (r"attn/out_proj/bias$", P(None)),
+        (r"attn/(q_ln|k_ln)/(scale|bias)$", P(None)),
+        (r"ffn/(up_proj|gate_proj)/kernel$", P(f, "tp")),
+        (r"ffn/(up_proj|gate_proj)/bias$", P("tp")),
+        (r"ffn/down_proj/kernel$", P("tp", f)),
+        (r"ffn/down_proj/bias$", P(None)),
+        (r"(norm_1|norm_2|norm_f)/(scale|bias)$", P(None)),
+        (r"lm_head/kernel$", P(f, "tp")),
+        (r"lm_head/bias$", P("tp")),
+    )
+
+
+def path_str(path) -> str:
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    return "/".join(parts)
+
+
+def spec_for(name: str, rules) -> P:
+    for pattern, spec in rules:
+        if re.search(pattern, name):
+            return spec
+    raise PartitionRuleError(f"no partition rule matches parameter {name!r}")
+
+
+def match_partition_rules(rules, params):
+    """PartitionSpec tree for `params` (arrays or ShapeDtypeStructs); lists every unmatched path."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    specs, missing = [], []
+    for path, leaf in flat:
+        name = path_str(path)
+        try:
+            spec = spec_for(name, rules)
+        except PartitionRuleError:
+            missing.append(name)
+            continue
+        if len(spec) > len(np.shape(leaf)):
+            raise PartitionRuleError(f"rule for {name!r} gives {spec} but the parameter has shape {np.shape(leaf)}")
+        specs.append(spec)
+    if missing:
+        raise PartitionRuleError("no partition rule matches these parameters: " + ", ".join(missing))
+    return jax.tree_util.tree_unflatten(treedef, specs)
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """Drop mesh axes from dimensions they do not divide (e.g. a 256-token vocab over 3 devices)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if size and dim % size == 0 else None)
+    return P(*out)
+
+
+def named_sharding(mesh: Mesh, spec: P, shape: Sequence[int]) -> NamedSharding:
+    return NamedSharding(mesh, fit_spec(spec, shape, mesh))
+
+
+def shardings_for(mesh: Mesh, params, rules):
+    specs = match_partition_rules(rules, params)
+    return jax.tree_util.tree_map(lambda s, x: named_sharding(mesh, s, np.shape(x)), specs, params,
+                                  is_leaf=lambda x: isinstance(x, P))
+
+
+def logical_spec(names: Sequence[str | None]) -> P:
+    return P(*(LOGICAL_AXIS_RULES.get(n) if n else None for n in names))
+
+
+def constrain(x, mesh: Mesh | None, names: Sequence[str | None]):
+    """with_sharding_constraint by logical axis names; a no-op without a mesh."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical_spec(names), x.shape))

@@ -1,0 +1,1 @@
+"""Serving (installed as easympt.serve)."""

@@ -1,0 +1,162 @@
+"""Random-weight MPT checkpoints on disk; no downloads anywhere in the suite."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+BASE = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=64)
+
+
+def full_config(**overrides) -> dict:
+    """A config.json dict in llm-foundry's shape (attn_config / ffn_config nested)."""
+    cfg = {"model_type": "mpt", "expansion_ratio": 4, "no_bias": True, "learned_pos_emb": True,
+           "norm_type": "low_precision_layernorm", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True,
+           **BASE}
+    attn = {"alibi": True, "alibi_bias_max": 8, "attn_type": "multihead_attention"}
+    attn.update(overrides.pop("attn_config", {}))
+    cfg["attn_config"] = attn
+    if "ffn_config" in overrides:
+        cfg["ffn_config"] = overrides.pop("ffn_config")
+    cfg.update(overrides)
+    return cfg
+
+
+def random_state_dict(cfg: dict, seed: int = 0, std: float = 0.15) -> dict[str, np.ndarray]:
+    """Tensors named and shaped as llm-foundry / transformers save them ([out, in] weights)."""
+    rng = np.random.default_rng(seed)
+    a, f = cfg["attn_config"], cfg.get("ffn_config") or {}
+    d, nh, L = cfg["d_model"], cfg["n_heads"], cfg["n_layers"]
+    hd = d // nh
+    kvh = {"multihead_attention": nh, "multiquery_attention": 1}.get(a.get("attn_type", "multihead_attention"),
+                                                                     a.get("kv_n_heads"))
+    F = f.get("ffn_hidden_size") or int(d * cfg.get("expansion_ratio", 4))
+    bias = not cfg.get("no_bias", True)
+    sd = {}
+
+    def w(name, *shape, scale=std):
+        sd[name] = (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    def norm(name, n):
+        sd[name + ".weight"] = (1 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+        if bias and "rms" not in cfg.get("norm_type", ""):
+            w(name + ".bias", n, scale=0.1)
+
+    def linear(name, out, inp):
+        w(name + ".weight", out, inp)
+        if bias:
+            w(name + ".bias", out, scale=0.1)
+
+    w("transformer.wte.weight", cfg["vocab_size"], d, scale=0.5)
+    if cfg.get("learned_pos_emb", True) and not a.get("alibi", True):
+        w("transformer.wpe.weight", cfg["max_seq_len"], d, scale=0.5)
+    for i in range(L):
+        p = f"transformer.blocks.{i}"
+        norm(p + ".norm_1", d)
+        linear(p + ".attn.Wqkv", (nh + 2 * kvh) * hd, d)
+        if a.get("qk_ln"):
+            norm(p + ".attn.q_ln", d)
+            norm(p + ".attn.k_ln", kvh * hd)
+        linear(p + ".attn.out_proj", d, d)
+        norm(p + ".norm_2", d)
+        linear(p + ".ffn.up_proj", F, d)
+        if f.get("ffn_type") == "mptglu":
+            linear(p + ".ffn.gate_proj", F, d)
+        linear(p + ".ffn.down_proj", d, F)
+    norm("transformer.norm_f", d)
+    if not cfg.get("tie_word_embeddings", True):
+        w("lm_head.weight", cfg["vocab_size"], d)
+    return sd
+
+
+def write_checkpoint(path, cfg: dict, sd: dict, fmt: str = "safetensors", torch_dtype: str = "float32",
+                     n_shards: int = 1) -> str:
+    """Save like save_pretrained: safetensors or .bin, optionally sharded with an index."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    names = sorted(sd)
+    groups = [names[i::n_shards] for i in range(n_shards)]
+    ext = "safetensors" if fmt == "safetensors" else "bin"
+    stem = "model" if fmt == "safetensors" else "pytorch_model"
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"{stem}.{ext}" if n_shards == 1 else f"{stem}-{i + 1:05d}-of-{n_shards:05d}.{ext}"
+        part = {k: sd[k] for k in group}
+        if fmt == "safetensors" and torch_dtype == "float32":
+            from safetensors.numpy import save_file
+
+            save_file(part, os.path.join(path, fname), metadata={"format": "pt"})
+        else:
+            import torch
+
+            tdt = getattr(torch, torch_dtype)
+            tensors = {k: torch.from_numpy(v).to(tdt) for k, v in part.items()}
+            if fmt == "safetensors":
+                from safetensors.torch import save_file
+
+                save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
+            else:
+                torch.save(tensors, os.path.join(path, fname))
+        weight_map.update({k: fname for k in group})
+    if n_shards > 1:
+        with open(os.path.join(path, f"{stem}.{ext}.index.json"), "w") as fh:
+            json.dump({"metadata": {}, "weight_map": weight_map}, fh)
+    return str(path)
+
+
+def make_hf_checkpoint(path, seed: int = 0, **config_kwargs) -> str:
+    """A checkpoint written by transformers' own MptForCausalLM.save_pretrained,
+    with LayerNorm weights perturbed away from ones."""
+    import torch
+    from transformers import MptConfig as HFMptConfig, MptForCausalLM
+
+    torch.manual_seed(seed)
+    kw = {**BASE, **config_kwargs}
+    model = MptForCausalLM(HFMptConfig(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.15 if "wte" not in name else 0.5)
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def hf_logits(path, input_ids, attention_mask=None) -> np.ndarray:
+    import torch
+    from transformers import MptForCausalLM
+
+    model = MptForCausalLM.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        mask = None if attention_mask is None else torch.tensor(np.asarray(attention_mask))
+        return model(torch.tensor(np.asarray(input_ids)), attention_mask=mask).logits.float().numpy()
+
+
+def assert_logits_close(got, ref, mask=None, rtol_scale: float = 1e-4):
+    """max |got - ref| <= rtol_scale * logit scale, over real (unpadded) positions."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    if mask is not None:
+        keep = np.asarray(mask, bool)
+        got, ref = got[keep], ref[keep]
+    scale = max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(got - ref).max())
+    assert err <= rtol_scale * scale, f"max abs diff {err:.3g} > {rtol_scale:g} x logit scale {scale:.3g}"
+
+
+@pytest.fixture
+def tokens():
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, BASE["vocab_size"], size=(3, 20))
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    mask[2, :11] = 0
+    return ids, mask

@@ -1,0 +1,83 @@
+"""easympt params -> Hugging Face MPT checkpoint (safetensors shards + index)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+
+from easympt.config import MptConfig
+from easympt.dtypes import resolve_dtype
+from easympt.model import unwrap_params
+from easympt.sharding import path_str
+from easympt.transform.names import flax_to_hf_name
+
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def parse_size(size) -> int:
+    """'5GB', '500MiB' or an int of bytes."""
+    if isinstance(size, int):
+        return size
+    s = str(size).strip().upper()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * _UNITS[unit])
+    return int(s)
+
+
+def mpt_to_pretrained(params, config: MptConfig, out_dir: str, max_shard_size="5GB", tokenizer=None,
+                      dtype=None) -> str:
+    """Write a checkpoint that transformers' MptForCausalLM loads unchanged.
+
+    Everything is written into a temporary sibling directory that is renamed
+    onto `out_dir` at the end, so an interrupted export never looks complete.
+    """
+    from safetensors.numpy import save_file
+
+    params = unwrap_params(params)
+    dtype = resolve_dtype(dtype)
+    limit = parse_size(max_shard_size)
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    try:
+        shards, current, size = [], {}, 0
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            hf_name, transpose = flax_to_hf_name(path_str(path))
+            arr = np.asarray(jax.device_get(leaf))
+            if dtype is not None:
+                arr = arr.astype(dtype)
+            arr = np.ascontiguousarray(arr.T if transpose else arr)
+            if current and size + arr.nbytes > limit:
+                shards.append(current)
+                current, size = {}, 0
+            current[hf_name] = arr
+            size += arr.nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+                total += sum(a.nbytes for a in shard.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+        config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

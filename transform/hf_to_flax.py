@@ -1,0 +1,277 @@
+"""Hugging Face MPT checkpoint -> easympt params, one tensor at a time.
+
+Every file is opened lazily (safetensors headers, torch's mmap), the whole
+key set and every shape are checked before a byte of weight is read, and each
+tensor is converted and placed on its final device(s) at once, so host memory
+holds about one tensor beyond what the devices hold. With a mesh each process
+reads only the slices its own devices own (`make_array_from_callback`), which
+is what a multi-host pod needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from easympt.config import MptConfig
+from easympt.dtypes import default_compute_dtype, resolve_dtype
+from easympt.model import FlaxMptForCausalLM
+from easympt.sharding import named_sharding, spec_for
+from easympt.transform.names import TIED_ALIASES, hf_to_flax_name
+
+SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
+BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken")
+HUB_BIN_PATTERNS = ("*.json", "*.bin", "*.model", "*.txt", "*.tiktoken")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config: names every bad tensor or file."""
+
+
+# ------------------------------------------------------------------ resolving
+def resolve_checkpoint_dir(source: str, revision: str | None = None, local_files_only: bool = False) -> str:
+    """A local directory holding config.json and weights.
+
+    `source` is a directory (a Hugging Face cache snapshot is one), or a hub
+    id that huggingface_hub resolves from its cache first and only then from
+    the hub (never when HF_HUB_OFFLINE or `local_files_only` is set).
+    """
+    if os.path.isdir(source):
+        return source
+    if os.path.exists(source):
+        raise FileNotFoundError(f"{source}: is a file; give the checkpoint directory (with config.json)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(source)
+    except HFValidationError:
+        raise FileNotFoundError(f"{source}: not a local directory and not a valid hub id (org/name)") from None
+    for patterns in (HUB_PATTERNS, HUB_BIN_PATTERNS):
+        try:
+            path = snapshot_download(source, revision=revision, local_files_only=True,
+                                     allow_patterns=list(patterns))
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled, FileNotFoundError):
+            continue
+        if _weight_files_or_none(path):
+            return path
+    if local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise FileNotFoundError(
+            f"{source}: not a local directory and not in the Hugging Face cache "
+            "(offline: local_files_only or HF_HUB_OFFLINE is set)")
+    try:
+        path = snapshot_download(source, revision=revision, allow_patterns=list(HUB_PATTERNS))
+        if not _weight_files_or_none(path):
+            path = snapshot_download(source, revision=revision, allow_patterns=list(HUB_BIN_PATTERNS))
+    except Exception as e:  # network, auth, unknown repo: say which source failed and why
+        raise FileNotFoundError(f"{source}: not a local directory, and the hub could not provide it ({e})") from e
+    return path
+
+
+def _weight_files_or_none(path: str) -> list[str] | None:
+    try:
+        return weight_files(path)
+    except FileNotFoundError:
+        return None
+
+
+def weight_files(ckpt_dir: str) -> list[str]:
+    """Weight files of a checkpoint, safetensors preferred, sharded index files followed."""
+    for index, single in ((SAFE_INDEX, SAFE_SINGLE), (BIN_INDEX, BIN_SINGLE)):
+        ipath = os.path.join(ckpt_dir, index)
+        if os.path.isfile(ipath):
+            try:
+                with open(ipath, encoding="utf-8") as fh:
+                    weight_map = json.load(fh)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{ipath}: not a valid index file ({e})") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not os.path.isfile(os.path.join(ckpt_dir, f))]
+            if missing:
+                raise CheckpointError(f"{ipath}: shard file(s) missing: {', '.join(missing)}")
+            return [os.path.join(ckpt_dir, f) for f in files]
+        spath = os.path.join(ckpt_dir, single)
+        if os.path.isfile(spath):
+            return [spath]
+    raise FileNotFoundError(f"{ckpt_dir}: no {SAFE_SINGLE}, {BIN_SINGLE} or their .index.json")
+
+
+# ------------------------------------------------------------- lazy tensors
+@dataclass
+class LazyTensor:
+    """A tensor in a file: shape known, data read on indexing (numpy out)."""
+
+    path: str
+    name: str
+    shape: tuple
+    reader: Any
+
+    def __getitem__(self, index) -> np.ndarray:
+        try:
+            return self.reader(index)
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {self.name!r} (corrupt or truncated?): {e}") from e
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    import torch
+
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def open_safetensors(path: str) -> Iterator[LazyTensor]:
+    from safetensors import safe_open
+
+    cpu = jax.devices("cpu")[0]
+    try:
+        handle = safe_open(path, framework="flax")
+        names = list(handle.keys())
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
+    for name in names:
+        sl = handle.get_slice(name)
+
+        def read(index, sl=sl):
+            with jax.default_device(cpu):
+                return np.asarray(sl[index])
+
+        yield LazyTensor(path, name, tuple(sl.get_shape()), read)
+
+
+def open_torch_bin(path: str) -> Iterator[LazyTensor]:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"{path}: reading .bin checkpoints needs torch: pip install 'easympt[torch]'") from None
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {e}") from e
+    for name, t in state.items():
+        yield LazyTensor(path, name, tuple(t.shape), lambda index, t=t: _torch_to_numpy(t[index]))
+
+
+def open_checkpoint(files: list[str]) -> dict[str, LazyTensor]:
+    tensors: dict[str, LazyTensor] = {}
+    for path in files:
+        opener = open_safetensors if path.endswith(".safetensors") else open_torch_bin
+        for t in opener(path):
+            tensors[t.name] = t
+    return tensors
+
+
+# -------------------------------------------------------------------- loading
+def _flat_shapes(tree) -> dict[str, tuple]:
+    from easympt.sharding import path_str
+
+    return {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_tensors(tensors: dict[str, LazyTensor], expected: dict[str, tuple], config: MptConfig,
+                  where: str) -> dict[str, tuple[LazyTensor, bool]]:
+    """Map HF tensors onto expected params; one error lists every mismatch."""
+    plan, unexpected, misshaped = {}, [], []
+    for name, t in tensors.items():
+        mapped = hf_to_flax_name(name)
+        if mapped is None or mapped[0] not in expected:
+            if config.tie_word_embeddings and name in TIED_ALIASES:
+                continue
+            hint = ""
+            if name == "transformer.wpe.weight" and config.attn_config.alibi:
+                hint = " (learned position embedding next to ALiBi is not supported)"
+            unexpected.append(name + hint)
+            continue
+        flax_name, transpose = mapped
+        shape = t.shape[::-1] if transpose else t.shape
+        if shape != expected[flax_name]:
+            misshaped.append(f"{name}: {t.shape}, expected {expected[flax_name][::-1] if transpose else expected[flax_name]}")
+        plan[flax_name] = (t, transpose)
+    missing = sorted(set(expected) - set(plan))
+    problems = []
+    if missing:
+        problems.append("missing: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected: " + ", ".join(sorted(unexpected)))
+    if misshaped:
+        problems.append("wrong shape: " + "; ".join(misshaped))
+    if problems:
+        raise CheckpointError(f"{where}: checkpoint does not match its config.json — " + " | ".join(problems))
+    return plan
+
+
+def place_tensor(t: LazyTensor, transpose: bool, dtype, device=None, sharding=None) -> jax.Array:
+    shape = t.shape[::-1] if transpose else t.shape
+
+    def read(index) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+        block = t[index[::-1]] if transpose else t[index]
+        return np.ascontiguousarray(block.T if transpose else block).astype(dtype, copy=False)
+
+    if sharding is not None:
+        return jax.make_array_from_callback(shape, sharding, read)
+    return jax.device_put(read(()), device)
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def mpt_from_pretrained(source: str, device=None, dtype=None, mesh=None, partition_rules=None,
+                        revision: str | None = None, local_files_only: bool = False,
+                        progress: bool = True):
+    """(params, config) from a Hugging Face MPT checkpoint.
+
+    dtype: parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU).
+    device: put every array there (default: jax's default device).
+    mesh: shard every array by `partition_rules` (default: the config's FSDP
+    rules) straight into its NamedSharding.
+    """
+    ckpt_dir = resolve_checkpoint_dir(source, revision=revision, local_files_only=local_files_only)
+    config = MptConfig.from_pretrained(ckpt_dir)
+    dtype = np.dtype(resolve_dtype(dtype) or default_compute_dtype())
+    files = weight_files(ckpt_dir)
+    expected = _flat_shapes(FlaxMptForCausalLM(config, _do_init=False).params_shape())
+    plan = check_tensors(open_checkpoint(files), expected, config, where=ckpt_dir)
+    rules = None
+    if mesh is not None:
+        rules = partition_rules if partition_rules is not None else config.get_partition_rules(fsdp=True)
+    if device is None and mesh is None:
+        device = jax.devices()[0]
+
+    from tqdm.auto import tqdm
+
+    flat = {}
+    for name in tqdm(sorted(plan), desc=f"loading {os.path.basename(os.path.normpath(source))}",
+                     unit="tensor", disable=not progress):
+        t, transpose = plan[name]
+        sharding = None
+        if mesh is not None:
+            sharding = named_sharding(mesh, spec_for(name, rules), expected[name])
+        flat[name] = place_tensor(t, transpose, dtype, device=device, sharding=sharding)
+    return _nest(flat), config
