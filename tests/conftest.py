@@ -160,3 +160,37 @@ def tokens():
     mask[1, :5] = 0  # left padding
     mask[2, :11] = 0
     return ids, mask
+
+
+def train_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE trained on this repository's own source (nothing downloaded)."""
+    import glob
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = sorted(glob.glob(os.path.join(root, "easympt", "**", "*.py"), recursive=True))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train(files, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def lm_checkpoint(tmp_path_factory, tokenizer):
+    """A transformers-written MPT whose vocabulary matches the test tokenizer."""
+    path = tmp_path_factory.mktemp("lm") / "mpt"
+    make_hf_checkpoint(path, seed=3, vocab_size=len(tokenizer), max_seq_len=64, n_heads=4, d_model=64,
+                       n_layers=2, eos_token_id=tokenizer.eos_token_id)
+    tokenizer.save_pretrained(str(path))
+    return str(path)

@@ -1,0 +1,225 @@
+"""The generation engine: prefill -> insert -> generate over decode slots.
+
+JetStream/MaxText's split. `prefill` runs a left-padded prompt bucket once
+and samples the first token; `insert` copies that into free rows of the
+running decode state; `generate` runs `n_steps` cached decode steps in one
+dispatch (a while_loop that also stops when every row is done). Each has a
+handful of compiled shapes: prompt-length buckets (powers of two from
+`max_compile_tokens` to `max_length`) and one decode batch. Sampling settings
+are traced per-row arrays, so no request recompiles anything.
+"""
+
+from __future__ import annotations
+
+import math
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from easympt.cache import KVCache, write_rows
+from easympt.generation.sampling import NO_STOP, SamplingConfig, SamplingRows, sample
+from easympt.model import FlaxMptForCausalLM, unwrap_params
+
+
+@flax.struct.dataclass
+class Prefix:
+    """A prefilled group of n prompts, ready to insert."""
+
+    cache: KVCache  # [n, P] (or [n, S] when prefilled straight into a decode cache)
+    token: jax.Array  # [n] first sampled token
+    seen: jax.Array  # [n, V] tokens in the prompt (repetition penalty)
+    rows: SamplingRows
+    max_new: jax.Array  # [n]
+    stop_ids: jax.Array  # [n, NS]
+
+
+@flax.struct.dataclass
+class DecodeState:
+    cache: KVCache  # [B, S]
+    token: jax.Array  # [B] last sampled token, fed at the next step
+    active: jax.Array  # [B] bool
+    n_new: jax.Array  # [B] tokens emitted so far
+    max_new: jax.Array  # [B]
+    stop_ids: jax.Array  # [B, NS]
+    seen: jax.Array  # [B, V] bool
+    rows: SamplingRows
+
+
+def prefill_buckets(max_compile_tokens: int, max_length: int) -> tuple[int, ...]:
+    out, b = [], max(1, max_compile_tokens)
+    while b < max_length:
+        out.append(b)
+        b *= 2
+    out.append(max_length)
+    return tuple(out)
+
+
+def bucket_for(n: int, buckets) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]}")
+
+
+def _is_stop(token, stop_ids):
+    return jnp.any(token[:, None] == stop_ids, axis=-1)
+
+
+class GenerationEngine:
+    """Owns the compiled prefill / insert / generate functions for one model.
+
+    `max_length` bounds prompt + generated tokens per row (ALiBi lets it
+    exceed the config's `max_seq_len`; learned position embeddings do not).
+    """
+
+    def __init__(self, model: FlaxMptForCausalLM, params, max_length: int = 2048, max_compile_tokens: int = 64,
+                 stop_slots: int = 8):
+        cfg = model.config
+        if cfg.uses_learned_pos_emb and max_length > cfg.max_seq_len:
+            raise ValueError(f"max_length {max_length} exceeds max_seq_len {cfg.max_seq_len} of a model with "
+                             "learned position embeddings (only ALiBi models extrapolate)")
+        if cfg.attn_config.prefix_lm:
+            raise ValueError("generation with prefix_lm models is not implemented")
+        self.model, self.config = model, cfg
+        self.params = unwrap_params(params)
+        self.max_length = int(max_length)
+        self.max_compile_tokens = int(max_compile_tokens)
+        self.buckets = prefill_buckets(self.max_compile_tokens, self.max_length)
+        self.stop_slots = stop_slots
+        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len",))
+        self.insert = jax.jit(self._insert, donate_argnums=(1,))
+        self.generate = jax.jit(self._generate, static_argnames=("n_steps",), donate_argnums=(1,))
+        self.start = jax.jit(self._start)
+
+    # ------------------------------------------------------------ device side
+    def _forward(self, params, tokens, mask, cache, logits_slice=None):
+        return self.model.module.apply({"params": params}, tokens, mask, cache, None, None, True, logits_slice)
+
+    def _prefill(self, params, tokens, mask, rows: SamplingRows, max_new, stop_ids, cache_len: int) -> Prefix:
+        """tokens/mask [n, P], left padded; the last column is every row's last prompt token."""
+        n, P = tokens.shape
+        cache = KVCache.zeros(self.config, n, cache_len, self.model.dtype)
+        logits, cache = self._forward(params, tokens, mask, cache, logits_slice=(P - 1, 1))
+        seen = jnp.zeros((n, self.config.vocab_size), bool)
+        seen = jax.vmap(lambda s, t, m: s.at[t].max(m))(seen, tokens, mask.astype(bool))
+        token = sample(logits[:, 0], rows, jnp.zeros((n,), jnp.int32), seen)
+        return Prefix(cache, token, seen, rows, max_new, stop_ids)
+
+    def _start(self, prefix: Prefix) -> DecodeState:
+        token = prefix.token
+        stopped = _is_stop(token, prefix.stop_ids)
+        n_new = jnp.where(stopped, 0, 1).astype(jnp.int32)
+        room = prefix.cache.index < prefix.cache.max_length
+        active = ~stopped & (n_new < prefix.max_new) & room
+        seen = prefix.seen | (jax.nn.one_hot(token, self.config.vocab_size, dtype=bool) & ~stopped[:, None])
+        return DecodeState(prefix.cache, token, active, n_new, prefix.max_new, prefix.stop_ids, seen,
+                           prefix.rows)
+
+    def _insert(self, prefix: Prefix, state: DecodeState, slots) -> DecodeState:
+        """Rows `slots` [n] of `state` take the prefilled prompts; other rows are untouched."""
+        new = self._start(prefix)
+        P = prefix.cache.max_length
+        c = state.cache
+
+        def put(buf, rows):  # rows [n, P, ...] into buf[slots, :P]
+            return buf.at[slots, :P].set(rows.astype(buf.dtype))
+
+        key_valid = c.key_valid.at[slots].set(False).at[slots, :P].set(prefix.cache.key_valid)
+        cache = c.replace(
+            keys=tuple(put(b, r) for b, r in zip(c.keys, prefix.cache.keys)),
+            values=tuple(put(b, r) for b, r in zip(c.values, prefix.cache.values)),
+            key_valid=key_valid,
+            index=c.index.at[slots].set(prefix.cache.index),
+            n_tokens=c.n_tokens.at[slots].set(prefix.cache.n_tokens))
+        rows = jax.tree_util.tree_map(lambda a, b: a.at[slots].set(b), state.rows, new.rows)
+        return DecodeState(
+            cache=cache,
+            token=state.token.at[slots].set(new.token),
+            active=state.active.at[slots].set(new.active),
+            n_new=state.n_new.at[slots].set(new.n_new),
+            max_new=state.max_new.at[slots].set(new.max_new),
+            stop_ids=state.stop_ids.at[slots].set(new.stop_ids),
+            seen=state.seen.at[slots].set(new.seen),
+            rows=rows)
+
+    def _generate(self, params, state: DecodeState, n_steps: int):
+        """Up to n_steps decode steps; tokens [B, n_steps] (-1 where a row emitted nothing)."""
+        B = state.token.shape[0]
+        out = jnp.full((B, n_steps), -1, jnp.int32)
+
+        def cond(carry):
+            i, st, _ = carry
+            return (i < n_steps) & jnp.any(st.active)
+
+        def body(carry):
+            i, st, out = carry
+            logits, cache = self._forward(params, st.token[:, None], st.active[:, None], st.cache)
+            # inactive rows wrote nothing valid; keep their write position
+            cache = cache.replace(index=jnp.where(st.active, cache.index, st.cache.index))
+            token = sample(logits[:, 0], st.rows, st.n_new, st.seen)
+            stopped = _is_stop(token, st.stop_ids)
+            emit = st.active & ~stopped
+            n_new = st.n_new + emit.astype(jnp.int32)
+            done = stopped | (n_new >= st.max_new) | (cache.index >= cache.max_length)
+            seen = st.seen | (jax.nn.one_hot(token, self.config.vocab_size, dtype=bool) & emit[:, None])
+            out = out.at[:, i].set(jnp.where(emit, token, -1))
+            st = st.replace(cache=cache, token=jnp.where(st.active, token, st.token),
+                            active=st.active & ~done, n_new=n_new, seen=seen)
+            return i + 1, st, out
+
+        _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
+        return state, out
+
+    # -------------------------------------------------------------- host side
+    def empty_state(self, batch_size: int, cache_len: int | None = None) -> DecodeState:
+        S = cache_len or self.max_length
+        cfg = SamplingConfig(temperature=0.0)
+        return DecodeState(
+            cache=KVCache.zeros(self.config, batch_size, S, self.model.dtype),
+            token=jnp.zeros((batch_size,), jnp.int32),
+            active=jnp.zeros((batch_size,), bool),
+            n_new=jnp.zeros((batch_size,), jnp.int32),
+            max_new=jnp.zeros((batch_size,), jnp.int32),
+            stop_ids=jnp.full((batch_size, self.stop_slots), NO_STOP, jnp.int32),
+            seen=jnp.zeros((batch_size, self.config.vocab_size), bool),
+            rows=SamplingRows.from_configs([cfg] * batch_size))
+
+    def pad_prompts(self, prompts: list[list[int]], bucket: int | None = None):
+        """Left-pad token lists to one bucket: (tokens [n, P], mask [n, P])."""
+        longest = max(len(p) for p in prompts)
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("a prompt must have at least one token")
+        if longest >= self.max_length:
+            raise ValueError(f"prompt of {longest} tokens leaves no room to generate within "
+                             f"max_length {self.max_length}")
+        P = bucket or bucket_for(longest, self.buckets)
+        tokens = np.zeros((len(prompts), P), np.int32)
+        mask = np.zeros((len(prompts), P), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, P - len(p):] = p
+            mask[i, P - len(p):] = 1
+        return jnp.asarray(tokens), jnp.asarray(mask)
+
+    def stop_table(self, configs: list[SamplingConfig], eos_ids: tuple[int, ...]) -> jax.Array:
+        table = np.full((len(configs), self.stop_slots), NO_STOP, np.int32)
+        for i, c in enumerate(configs):
+            ids = list(dict.fromkeys(tuple(eos_ids) + c.stop_token_ids))
+            if len(ids) > self.stop_slots:
+                raise ValueError(f"at most {self.stop_slots} stop token ids (with EOS), got {len(ids)}")
+            table[i, :len(ids)] = ids
+        return jnp.asarray(table)
+
+    def prefill_batch(self, prompts: list[list[int]], configs: list[SamplingConfig], eos_ids=(),
+                      cache_len: int | None = None) -> Prefix:
+        tokens, mask = self.pad_prompts(prompts)
+        P = tokens.shape[1]
+        max_new = jnp.asarray([c.max_new_tokens for c in configs], jnp.int32)
+        return self.prefill(self.params, tokens, mask, SamplingRows.from_configs(configs), max_new,
+                            self.stop_table(configs, eos_ids), cache_len=cache_len or P)
+
+    def decode_cache_len(self, prompt_bucket: int, max_new_tokens: int) -> int:
+        """A power-of-two cache length with room for the whole request, capped at max_length."""
+        need = prompt_bucket + max_new_tokens
+        return min(self.max_length, 2 ** math.ceil(math.log2(max(need, 2))))
+
