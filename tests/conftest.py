@@ -190,7 +190,7 @@ def tokenizer():
 def lm_checkpoint(tmp_path_factory, tokenizer):
     """A transformers-written MPT whose vocabulary matches the test tokenizer."""
     path = tmp_path_factory.mktemp("lm") / "mpt"
-    make_hf_checkpoint(path, seed=3, vocab_size=len(tokenizer), max_seq_len=64, n_heads=4, d_model=64,
+    make_hf_checkpoint(path, seed=3, vocab_size=len(tokenizer), max_seq_len=96, n_heads=4, d_model=64,
                        n_layers=2, eos_token_id=tokenizer.eos_token_id)
     tokenizer.save_pretrained(str(path))
     return str(path)

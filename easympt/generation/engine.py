@@ -106,11 +106,12 @@ class GenerationEngine:
         token = sample(logits[:, 0], rows, jnp.zeros((n,), jnp.int32), seen)
         return Prefix(cache, token, seen, rows, max_new, stop_ids)
 
-    def _start(self, prefix: Prefix) -> DecodeState:
+    def _start(self, prefix: Prefix, capacity: int | None = None) -> DecodeState:
+        """Decode rows from a prefix; `capacity` is the length of the cache they will decode in."""
         token = prefix.token
         stopped = _is_stop(token, prefix.stop_ids)
         n_new = jnp.where(stopped, 0, 1).astype(jnp.int32)
-        room = prefix.cache.index < prefix.cache.max_length
+        room = prefix.cache.index < (capacity or prefix.cache.max_length)
         active = ~stopped & (n_new < prefix.max_new) & room
         seen = prefix.seen | (jax.nn.one_hot(token, self.config.vocab_size, dtype=bool) & ~stopped[:, None])
         return DecodeState(prefix.cache, token, active, n_new, prefix.max_new, prefix.stop_ids, seen,
@@ -118,9 +119,9 @@ class GenerationEngine:
 
     def _insert(self, prefix: Prefix, state: DecodeState, slots) -> DecodeState:
         """Rows `slots` [n] of `state` take the prefilled prompts; other rows are untouched."""
-        new = self._start(prefix)
-        P = prefix.cache.max_length
         c = state.cache
+        new = self._start(prefix, capacity=c.max_length)
+        P = prefix.cache.max_length
 
         def put(buf, rows):  # rows [n, P, ...] into buf[slots, :P]
             return buf.at[slots, :P].set(rows.astype(buf.dtype))

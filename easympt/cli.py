@@ -1,0 +1,95 @@
+"""`easympt ...` subcommands: parse, call the library, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: fp32 on CPU, bf16 on GPU/TPU)")
+    p.add_argument("--max-length", type=int, default=2048, help="prompt + generated tokens per request")
+    p.add_argument("--max-compile-tokens", type=int, default=64,
+                   help="decode steps per dispatch and the smallest prompt bucket")
+
+
+def cmd_generate(args) -> int:
+    from easympt.generation import Generator
+
+    gen = Generator.from_pretrained(args.model, dtype=args.dtype, max_length=args.max_length,
+                                    max_compile_tokens=args.max_compile_tokens)
+    reason = None
+    for chunk in gen.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop)):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        reason = chunk.finish_reason or reason
+    sys.stdout.write("\n")
+    print(f"[finish_reason: {reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from easympt.transform import mpt_from_pretrained, mpt_to_pretrained
+    from easympt.transform.hf_to_flax import resolve_checkpoint_dir
+
+    src = resolve_checkpoint_dir(args.src)
+    params, config = mpt_from_pretrained(src, dtype=args.dtype or "fp32")
+    tokenizer = None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except Exception as e:  # a weights-only checkpoint is fine to convert
+        print(f"note: no tokenizer copied ({type(e).__name__})", file=sys.stderr)
+    out = mpt_to_pretrained(params, config, args.dst, max_shard_size=args.max_shard_size, tokenizer=tokenizer,
+                            dtype=args.dtype)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="easympt", description="MosaicML MPT in JAX/Flax")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="stream a completion to the terminal")
+    p.add_argument("model", help="checkpoint directory or Hugging Face hub id")
+    p.add_argument("prompt")
+    _add_model(p)
+    _add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="re-write a Hugging Face MPT checkpoint (e.g. .bin shards -> safetensors)")
+    p.add_argument("src", help="checkpoint directory or hub id")
+    p.add_argument("dst", help="output directory (written atomically)")
+    p.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 for the written tensors")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"easympt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
