@@ -60,6 +60,46 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import logging
+    import time
+
+    from easympt.serve import JaxServerConfig, MPTJaxServer
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    source = args.model
+    if source is None:
+        from easympt.demo import random_demo_checkpoint
+
+        source = random_demo_checkpoint()
+        print(f"no MODEL given: serving the offline demo checkpoint at {source}", file=sys.stderr)
+    overrides = {"host": args.host, "port": args.port, "max_length": args.max_length,
+                 "max_compile_tokens": args.max_compile_tokens, "batch_size": args.batch_size,
+                 "pre_compile": not args.no_precompile}
+    if args.dtype:
+        overrides["dtype"] = args.dtype
+    if args.max_new_tokens:
+        overrides["max_new_tokens"] = args.max_new_tokens
+    if args.mesh:
+        overrides["mesh_axes_shape"] = tuple(int(x) for x in args.mesh.split(","))
+    if args.api_key:
+        overrides["api_key"] = args.api_key
+    config = JaxServerConfig(**overrides)
+    server = MPTJaxServer.from_pretrained(source, config=config)
+    server.fire()
+    urls = server.launch(share_chat=args.share, share_inst=args.share) if not args.no_gradio else {}
+    print(f"easympt is serving on {server.url}  (REST: /chat /instruct /v1/...; docs: {server.url}/docs)")
+    for name, url in urls.items():
+        print(f"  gradio {name}: {url}")
+    sys.stdout.flush()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="easympt", description="MosaicML MPT in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_sampling(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a model over REST, the OpenAI API and Gradio")
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint directory or hub id (default: the offline demo checkpoint)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=2059)
+    p.add_argument("--batch-size", type=int, default=8, help="decode slots")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--mesh", default=None, help="mesh shape dp,fsdp,tp,sp, e.g. 1,-1,1,1")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or EASYMPT_API_KEY)")
+    p.add_argument("--share", action="store_true", help="ask Gradio for public share links")
+    p.add_argument("--no-gradio", action="store_true")
+    p.add_argument("--no-precompile", action="store_true")
+    _add_model(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="re-write a Hugging Face MPT checkpoint (e.g. .bin shards -> safetensors)")
     p.add_argument("src", help="checkpoint directory or hub id")
@@ -84,7 +139,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
         print(f"easympt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -162,28 +162,11 @@ def tokens():
     return ids, mask
 
 
-def train_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE trained on this repository's own source (nothing downloaded)."""
-    import glob
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    files = sorted(glob.glob(os.path.join(root, "easympt", "**", "*.py"), recursive=True))
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train(files, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
-
-
 @pytest.fixture(scope="session")
 def tokenizer():
-    return train_tokenizer()
+    from easympt.demo import train_tokenizer
+
+    return train_tokenizer(vocab_size=384)
 
 
 @pytest.fixture(scope="session")

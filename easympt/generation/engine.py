@@ -219,6 +219,14 @@ class GenerationEngine:
         return self.prefill(self.params, tokens, mask, SamplingRows.from_configs(configs), max_new,
                             self.stop_table(configs, eos_ids), cache_len=cache_len or P)
 
+    def finish_reason(self, prompt_len: int, n_emitted: int, max_new_tokens: int) -> str:
+        """Why a row that the device deactivated ended: 'length' (max_new_tokens or
+        out of cache) or 'stop' (EOS / stop id)."""
+        if n_emitted >= max_new_tokens:
+            return "length"
+        room = self.max_length - bucket_for(prompt_len, self.buckets) + 1
+        return "length" if n_emitted >= room else "stop"
+
     def decode_cache_len(self, prompt_bucket: int, max_new_tokens: int) -> int:
         """A power-of-two cache length with room for the whole request, capped at max_length."""
         need = prompt_bucket + max_new_tokens

@@ -135,7 +135,8 @@ class Generator:
             if texts[r].stopped:
                 finish[r] = "stop"
             elif done and finish[r] is None:
-                finish[r] = self._reason(texts[r].token_ids, configs[r], len(ids[r]))
+                finish[r] = self.engine.finish_reason(len(ids[r]), len(texts[r].token_ids),
+                                                      configs[r].max_new_tokens)
         total = time.perf_counter() - t0
         out = []
         for r, tx in enumerate(texts):
@@ -143,13 +144,6 @@ class Generator:
             out.append(GenerationResult(tx.text, tx.token_ids, finish[r] or "length", len(ids[r]),
                                         {"ttft_s": ttft, "total_s": total}))
         return out
-
-    def _reason(self, emitted: list[int], cfg: SamplingConfig, prompt_len: int) -> str:
-        # A row that ended before max_new_tokens and before running out of cache hit a stop id.
-        if len(emitted) >= cfg.max_new_tokens:
-            return "length"
-        room = self.engine.max_length - bucket_for(prompt_len, self.engine.buckets)
-        return "length" if len(emitted) > room else "stop"
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
                top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int = 0,
@@ -175,7 +169,7 @@ class Generator:
                 return
             if done:
                 delta += text.finish()
-                reason = self._reason(text.token_ids, cfg, len(ids))
+                reason = self.engine.finish_reason(len(ids), len(text.token_ids), cfg.max_new_tokens)
                 yield StreamChunk(delta, text.token_ids[start:], reason)
                 return
             if delta or new:

@@ -1,0 +1,55 @@
+"""JaxServerConfig: EasyDel's server keys plus easympt's limits, validated by pydantic."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class JaxServerConfig(BaseModel):
+    """Unknown keys are an error that names them (pydantic `extra="forbid"`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(2059, ge=0, le=65535)
+    batch_size: int = Field(8, ge=1, le=512, description="decode slots served at once")
+    max_length: int = Field(2048, ge=2, description="prompt + generated tokens per request")
+    max_new_tokens: int = Field(2048, ge=1)
+    max_compile_tokens: int = Field(64, ge=1, description="decode steps per dispatch; smallest prompt bucket")
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(50, ge=0)
+    mesh_axes_names: tuple[str, ...] = ("dp", "fsdp", "tp", "sp")
+    mesh_axes_shape: tuple[int, ...] = (1, -1, 1, 1)
+    dtype: str = "auto"
+    use_prefix_tokenizer: bool = True
+    pre_compile: bool = True
+    stream_tokens_for_gradio: bool = True
+    logging: bool = True
+    verbose: bool = False
+    api_key: str | None = Field(default_factory=lambda: os.environ.get("EASYMPT_API_KEY") or None)
+    model_name: str = "easympt-mpt"
+    max_queue: int = Field(64, ge=1, description="requests waiting for a slot before 429")
+    request_timeout_s: float = Field(600.0, gt=0)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_n: int = Field(8, ge=1, description="largest `n` accepted by the OpenAI routes")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        from easympt.dtypes import resolve_dtype
+
+        if v != "auto":
+            resolve_dtype(v, "dtype")
+        return v
+
+    @model_validator(mode="after")
+    def _limits(self):
+        if len(self.mesh_axes_names) != len(self.mesh_axes_shape):
+            raise ValueError(f"mesh_axes_names {self.mesh_axes_names} and mesh_axes_shape "
+                             f"{self.mesh_axes_shape} differ in length")
+        if self.max_compile_tokens > self.max_length:
+            raise ValueError("max_compile_tokens must not exceed max_length")
+        return self

@@ -1,0 +1,25 @@
+"""Prometheus metrics, one registry per server so several servers can coexist."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ServerMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.http = Counter("easympt_http_requests", "HTTP requests by route and status", ["route", "status"],
+                            registry=self.registry)
+        self.requests = Counter("easympt_generation_requests", "finished generation requests by finish reason",
+                                ["finish_reason"], registry=self.registry)
+        self.tokens = Counter("easympt_generated_tokens", "tokens generated", registry=self.registry)
+        self.queue_depth = Gauge("easympt_queue_depth", "requests waiting for a decode slot", registry=self.registry)
+        self.ttft = Histogram("easympt_time_to_first_token_seconds", "submit to first token",
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.inter_token = Histogram("easympt_inter_token_latency_seconds", "decode time per token step",
+                                     buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

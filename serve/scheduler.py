@@ -1,0 +1,240 @@
+"""One engine thread owns the devices and continuously batches requests.
+
+Requests wait in a bounded queue. Whenever a decode slot is free the thread
+prefills the next request and inserts it into the running batch (JetStream's
+prefill / insert / generate); every dispatch then advances all active slots
+by up to `max_compile_tokens` tokens. Text, stop strings and cancellation are
+handled here too, so callers only read events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import jax.numpy as jnp
+import numpy as np
+
+from easympt.generation.engine import GenerationEngine
+from easympt.generation.sampling import SamplingConfig
+from easympt.generation.text import IncrementalText
+
+log = logging.getLogger("easympt.serve")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit (HTTP 429)."""
+
+
+@dataclass
+class Event:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "timeout", "error"
+    error: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None
+
+
+class RequestHandle:
+    """What a caller holds: events arrive on an asyncio queue (from a route) or a
+    plain queue (from a thread such as Gradio's)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, prompt_ids: list[int], sampling: SamplingConfig, loop: asyncio.AbstractEventLoop | None):
+        self.id = next(self._ids)
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self.created = time.monotonic()
+        self.cancelled = threading.Event()
+        self.loop = loop
+        self._aq: asyncio.Queue | None = asyncio.Queue() if loop else None
+        self._q: queue.Queue | None = None if loop else queue.Queue()
+        self.completion_tokens = 0
+        self.first_token_at: float | None = None
+
+    def put(self, ev: Event) -> None:
+        if self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(self._aq.put_nowait, ev)
+            except RuntimeError:  # the route's loop is gone: the client left
+                self.cancelled.set()
+        else:
+            self._q.put(ev)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    async def events(self):
+        while True:
+            ev = await self._aq.get()
+            yield ev
+            if ev.final:
+                return
+
+    def iter_events(self, timeout: float | None = None):
+        while True:
+            ev = self._q.get(timeout=timeout)
+            yield ev
+            if ev.final:
+                return
+
+
+@dataclass
+class _Slot:
+    handle: RequestHandle
+    text: IncrementalText
+
+
+class Scheduler:
+    def __init__(self, engine: GenerationEngine, tokenizer, batch_size: int, eos_ids: tuple[int, ...],
+                 max_queue: int = 64, request_timeout_s: float = 600.0, metrics=None):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.batch_size = batch_size
+        self.eos_ids = eos_ids
+        self.request_timeout_s = request_timeout_s
+        self.metrics = metrics
+        self.waiting: queue.Queue[RequestHandle] = queue.Queue(maxsize=max_queue)
+        self.slots: list[_Slot | None] = [None] * batch_size
+        self.state = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ------------------------------------------------------------ public side
+    def submit(self, prompt_ids: list[int], sampling: SamplingConfig,
+               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        handle = RequestHandle(prompt_ids, sampling, loop)
+        try:
+            self.waiting.put_nowait(handle)
+        except queue.Full:
+            raise QueueFull(f"{self.waiting.maxsize} requests are already waiting; retry later") from None
+        if self.metrics:
+            self.metrics.queue_depth.set(self.waiting.qsize())
+        return handle
+
+    def start(self) -> None:
+        if self._thread is None:
+            self.state = self.engine.empty_state(self.batch_size)
+            self._thread = threading.Thread(target=self._loop, name="easympt-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        for i, s in enumerate(self.slots):
+            if s is not None:
+                s.handle.put(Event(finish_reason="cancelled", error="server shutting down"))
+                self.slots[i] = None
+        while not self.waiting.empty():
+            self.waiting.get_nowait().put(Event(finish_reason="cancelled", error="server shutting down"))
+
+    @property
+    def active_slots(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    # ------------------------------------------------------------ engine side
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._admit()
+                if self.active_slots == 0:
+                    try:
+                        handle = self.waiting.get(timeout=0.05)
+                    except queue.Empty:
+                        continue
+                    self._start_request(handle)
+                    continue
+                self._decode()
+            except Exception as e:  # a failed step must not take the server down
+                log.exception("engine step failed")
+                for i, s in enumerate(self.slots):
+                    if s is not None:
+                        s.handle.put(Event(finish_reason="error", error=f"generation failed: {e}"))
+                        self.slots[i] = None
+                self.state = self.engine.empty_state(self.batch_size)
+
+    def _admit(self) -> None:
+        while None in self.slots:
+            try:
+                handle = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            self._start_request(handle)
+
+    def _start_request(self, handle: RequestHandle) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.set(self.waiting.qsize())
+        if handle.cancelled.is_set():
+            handle.put(Event(finish_reason="cancelled"))
+            return
+        slot = self.slots.index(None)
+        eng = self.engine
+        prefix = eng.prefill_batch([handle.prompt_ids], [handle.sampling], self.eos_ids)
+        self.state = eng.insert(prefix, self.state, jnp.asarray([slot], jnp.int32))
+        self.slots[slot] = _Slot(handle, IncrementalText(self.tokenizer, handle.sampling.stop))
+        first = int(np.asarray(prefix.token)[0])
+        active = bool(np.asarray(self.state.active)[slot])
+        n_new = int(np.asarray(self.state.n_new)[slot])
+        handle.first_token_at = time.monotonic()
+        if self.metrics:
+            self.metrics.ttft.observe(handle.first_token_at - handle.created)
+        self._deliver(slot, [first] if n_new else [], finished=not active)
+
+    def _decode(self) -> None:
+        eng = self.engine
+        t0 = time.monotonic()
+        self.state, out = eng.generate(eng.params, self.state, n_steps=eng.max_compile_tokens)
+        out, active = np.asarray(out), np.asarray(self.state.active)
+        self.steps += 1
+        n_tokens = 0
+        for i, s in enumerate(self.slots):
+            if s is None:
+                continue
+            ids = [int(t) for t in out[i] if t >= 0]
+            n_tokens += len(ids)
+            self._deliver(i, ids, finished=not active[i])
+        if self.metrics and n_tokens:
+            self.metrics.inter_token.observe((time.monotonic() - t0) / max(1, out.shape[1]))
+        # rows whose request ended on the host (stop string, disconnect, timeout)
+        stale = [i for i, s in enumerate(self.slots) if s is None and active[i]]
+        if stale:
+            self.state = self.state.replace(active=self.state.active.at[jnp.asarray(stale)].set(False))
+
+    def _deliver(self, slot: int, ids: list[int], finished: bool) -> None:
+        s = self.slots[slot]
+        h = s.handle
+        delta = []
+        for t in ids:
+            delta.append(s.text.push(t))
+            h.completion_tokens += 1
+            if s.text.stopped:
+                break
+        text = "".join(delta)
+        if self.metrics:
+            self.metrics.tokens.inc(len(ids))
+        reason = None
+        if s.text.stopped:
+            reason = "stop"
+        elif h.cancelled.is_set():
+            reason = "cancelled"
+        elif time.monotonic() - h.created > self.request_timeout_s:
+            reason = "timeout"
+        elif finished:
+            text += s.text.finish()
+            reason = self.engine.finish_reason(len(h.prompt_ids), h.completion_tokens, h.sampling.max_new_tokens)
+        h.put(Event(text=text, token_ids=ids, finish_reason=reason))
+        if reason is not None:
+            self.slots[slot] = None
+            if self.metrics:
+                self.metrics.requests.labels(reason).inc()

@@ -1,0 +1,290 @@
+"""JAXServer: a model, its engine thread, and the HTTP app in front of it."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import jax
+
+from easympt.dtypes import resolve_dtype
+from easympt.generation.engine import GenerationEngine
+from easympt.generation.sampling import SamplingConfig
+from easympt.model import FlaxMptForCausalLM, unwrap_params
+from easympt.serve.config import JaxServerConfig
+from easympt.serve.metrics import ServerMetrics
+from easympt.serve.scheduler import Scheduler
+
+log = logging.getLogger("easympt.serve")
+
+
+class PromptError(ValueError):
+    """A prompt the server cannot take (too long, empty): HTTP 400."""
+
+
+class JAXServer:
+    """Serves one causal LM. Subclasses override `format_chat` / `format_instruct`."""
+
+    def __init__(self, config: JaxServerConfig | dict | None = None):
+        self.config = config if isinstance(config, JaxServerConfig) else JaxServerConfig(**(config or {}))
+        self.metrics = ServerMetrics()
+        self.model = self.params = self.tokenizer = self.engine = self.scheduler = None
+        self._uvicorn = None
+        self._thread: threading.Thread | None = None
+        self._app = None
+        self._gradio_mounted = False
+        self._share_warned = False
+        self.started_at = time.time()
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def load_from_params(cls, params, model: FlaxMptForCausalLM, config_model, add_params_field: bool = False,
+                         tokenizer=None, verbose: bool = False, do_memory_log: bool = False,
+                         config: JaxServerConfig | dict | None = None) -> JAXServer:
+        """EasyDel's entry point. `add_params_field`: `params` is (True) or is not
+        (False) wrapped as {"params": tree}; both forms are accepted either way."""
+        if tokenizer is None:
+            raise ValueError("load_from_params needs a tokenizer")
+        server = cls(config)
+        cfg = server.config
+        if not cfg.use_prefix_tokenizer:
+            raise ValueError("use_prefix_tokenizer=False (right padding) is not supported: "
+                             "the engine left-pads every prompt")
+        dtype = None if cfg.dtype == "auto" else resolve_dtype(cfg.dtype)
+        params = unwrap_params(params)
+        mesh = server._mesh()
+        if mesh is not None:
+            from easympt.sharding import shardings_for
+
+            params = jax.device_put(params, shardings_for(mesh, params, config_model.get_partition_rules()))
+        if (dtype is not None and dtype != model.dtype) or mesh is not None:
+            model = FlaxMptForCausalLM(config_model, dtype=dtype or model.dtype, param_dtype=model.param_dtype,
+                                       _do_init=False, mesh=mesh)
+        server.model, server.params, server.tokenizer = model, params, tokenizer
+        server.engine = GenerationEngine(model, params, max_length=cfg.max_length,
+                                         max_compile_tokens=cfg.max_compile_tokens)
+        eos = {config_model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
+        server.scheduler = Scheduler(server.engine, tokenizer, cfg.batch_size,
+                                     tuple(sorted(i for i in eos if i is not None)), max_queue=cfg.max_queue,
+                                     request_timeout_s=cfg.request_timeout_s, metrics=server.metrics)
+        if verbose or cfg.verbose:
+            logging.getLogger("easympt").setLevel(logging.INFO)
+        if cfg.pre_compile:
+            server.compile()
+        if do_memory_log:
+            server.log_memory()
+        server.scheduler.start()
+        return server
+
+    @classmethod
+    def from_pretrained(cls, source: str, tokenizer=None, config: JaxServerConfig | dict | None = None,
+                        dtype=None, **load_kwargs) -> JAXServer:
+        """Convert a Hugging Face checkpoint (dir, cache or hub id) and serve it."""
+        from transformers import AutoTokenizer
+
+        from easympt.transform import mpt_from_pretrained
+        from easympt.transform.hf_to_flax import resolve_checkpoint_dir
+
+        cfg = config if isinstance(config, JaxServerConfig) else JaxServerConfig(**(config or {}))
+        ckpt = resolve_checkpoint_dir(source)
+        dtype = dtype or (None if cfg.dtype == "auto" else cfg.dtype)
+        params, model_config = mpt_from_pretrained(ckpt, dtype=dtype, **load_kwargs)
+        model = FlaxMptForCausalLM(model_config, dtype=dtype, _do_init=False)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(ckpt)
+        if cfg.model_name == JaxServerConfig().model_name:
+            cfg = cfg.model_copy(update={"model_name": source.rstrip("/").split("/")[-1]})
+        return cls.load_from_params(params, model, model_config, tokenizer=tokenizer, config=cfg)
+
+    def _mesh(self):
+        if len(jax.devices()) == 1:
+            return None
+        from easympt.sharding import create_mesh
+
+        return create_mesh(self.config.mesh_axes_shape, self.config.mesh_axes_names)
+
+    def compile(self) -> float:
+        """Compile every prefill bucket, insert and the decode step before traffic."""
+        t0 = time.perf_counter()
+        eng = self.engine
+        warm = SamplingConfig(temperature=0.0, max_new_tokens=1)
+        state = eng.empty_state(self.config.batch_size)
+        for bucket in eng.buckets:
+            n = min(bucket, eng.max_length - 1)
+            prefix = eng.prefill_batch([[0] * n], [warm])
+            state = eng.insert(prefix, state, jax.numpy.asarray([0], jax.numpy.int32))
+        state, _ = eng.generate(eng.params, state, n_steps=eng.max_compile_tokens)
+        jax.block_until_ready(state.token)
+        took = time.perf_counter() - t0
+        log.warning("precompiled %d prompt buckets %s and the decode step in %.1fs", len(eng.buckets),
+                    list(eng.buckets), took)
+        return took
+
+    def log_memory(self) -> None:
+        for d in jax.local_devices():
+            try:
+                stats = d.memory_stats() or {}
+            except Exception:
+                stats = {}
+            used = stats.get("bytes_in_use")
+            log.warning("device %s: %s", d, f"{used / 2**30:.2f} GiB in use" if used else "no memory stats")
+        n = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.params))
+        log.warning("parameters: %.1f MiB", n / 2**20)
+
+    # ---------------------------------------------------------------- prompts
+    def format_chat(self, history: list, prompt: str, system: str | None) -> str:
+        """history: [[user, assistant], ...]. Plain-text turns; MPTJaxServer uses ChatML."""
+        parts = [system.strip() + "\n\n"] if system else []
+        for user, assistant in history:
+            parts.append(f"User: {user}\nAssistant: {assistant}\n")
+        parts.append(f"User: {prompt}\nAssistant:")
+        return "".join(parts)
+
+    def format_instruct(self, system: str | None, instruction: str) -> str:
+        return (system.strip() + "\n\n" if system else "") + f"{instruction}\n"
+
+    def format_messages(self, messages: list[dict]) -> str:
+        """OpenAI messages -> prompt, through format_chat (system, history pairs, last user turn)."""
+        system = "\n".join(m["content"] for m in messages if m["role"] in ("system", "developer")) or None
+        turns = [m for m in messages if m["role"] in ("user", "assistant")]
+        history, pending = [], None
+        for m in turns[:-1]:
+            if m["role"] == "user":
+                if pending is not None:
+                    history.append((pending, ""))
+                pending = m["content"]
+            else:
+                history.append((pending or "", m["content"]))
+                pending = None
+        if pending is not None:
+            history.append((pending, ""))
+        return self.format_chat(history, turns[-1]["content"], system)
+
+    def chat_stop_strings(self) -> tuple[str, ...]:
+        """Where a chat reply ends: the start of the next user turn."""
+        return ("\nUser:",)
+
+    def instruct_stop_strings(self) -> tuple[str, ...]:
+        return ()
+
+    def params_devices(self):
+        return sorted({d for x in jax.tree_util.tree_leaves(self.params) for d in x.devices()}, key=str)
+
+    def encode_prompt(self, text: str, max_new_tokens: int, truncate: bool = False) -> list[int]:
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise PromptError("the prompt is empty after tokenization")
+        limit = self.config.max_length - 1
+        if len(ids) > limit:
+            if not truncate:
+                raise PromptError(f"prompt has {len(ids)} tokens; max_length is {self.config.max_length} "
+                                  "(ask with \"truncate\": true to keep the end of the prompt)")
+            ids = ids[-limit:]
+        return ids
+
+    def sampling(self, temperature=None, top_p=None, top_k=None, max_new_tokens=None, seed=None, stop=(),
+                 greedy: bool = False, **extra) -> SamplingConfig:
+        c = self.config
+        max_new = c.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if max_new > c.max_new_tokens:
+            raise PromptError(f"max tokens {max_new} exceeds this server's limit {c.max_new_tokens}")
+        return SamplingConfig(
+            temperature=0.0 if greedy else (c.temperature if temperature is None else temperature),
+            top_p=c.top_p if top_p is None else top_p, top_k=c.top_k if top_k is None else top_k,
+            seed=seed if seed is not None else int.from_bytes(__import__("os").urandom(4), "little"),
+            max_new_tokens=max_new, stop=tuple(stop or ()), **extra)
+
+    def generate_text(self, prompt: str, sampling: SamplingConfig, truncate: bool = False):
+        """Blocking generation from any thread: (text, prompt_tokens, completion_tokens, finish_reason)."""
+        ids = self.encode_prompt(prompt, sampling.max_new_tokens, truncate)
+        handle = self.scheduler.submit(ids, sampling)
+        text, reason = [], None
+        for ev in handle.iter_events(timeout=self.config.request_timeout_s + 30):
+            text.append(ev.text)
+            reason = ev.finish_reason
+        return "".join(text), len(ids), handle.completion_tokens, reason
+
+    # ------------------------------------------------------------------- http
+    @property
+    def app(self):
+        if self._app is None:
+            from easympt.serve.routes import build_app
+
+            self._app = build_app(self)
+        return self._app
+
+    def fire(self) -> JAXServer:
+        """Start uvicorn in a background thread; return once the port accepts connections."""
+        import uvicorn
+
+        if self._thread is not None:
+            return self
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.config.host, self.config.port))
+        except OSError as e:
+            sock.close()
+            raise OSError(f"cannot serve on {self.config.host}:{self.config.port}: {e.strerror}") from None
+        self.config.port = sock.getsockname()[1]  # the real one when 0 asked the OS to choose
+        cfg = uvicorn.Config(self.app, host=self.config.host, port=self.config.port, log_level="warning",
+                             lifespan="off", timeout_graceful_shutdown=2)
+        self._uvicorn = uvicorn.Server(cfg)
+        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [sock]}, name="easympt-http",
+                                        daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self._thread = None
+                sock.close()
+                raise OSError(f"uvicorn did not start on {self.config.host}:{self.config.port}")
+            time.sleep(0.02)
+        log.warning("easympt serving %s on http://%s:%d", self.config.model_name, self.config.host,
+                    self.config.port)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def launch(self, share_chat: bool = False, share_inst: bool = False) -> dict:
+        """Mount the Gradio chat and instruct pages; returns {"chat": url, "inst": url}.
+
+        A share link needs the internet; where it cannot be made the local
+        URL is returned and the reason logged once.
+        """
+        from easympt.serve.gradio_ui import build_chat_ui, build_instruct_ui, mount, try_share
+
+        if self._thread is None:
+            self.fire()
+        chat, inst = build_chat_ui(self), build_instruct_ui(self)
+        if not self._gradio_mounted:
+            mount(self.app, chat, "/gradio_chat")
+            mount(self.app, inst, "/gradio_instruct")
+            self._gradio_mounted = True
+        urls = {"chat": f"{self.url}/gradio_chat/", "inst": f"{self.url}/gradio_instruct/"}
+        for key, builder, wanted in (("chat", build_chat_ui, share_chat), ("inst", build_instruct_ui, share_inst)):
+            if wanted:
+                link, why = try_share(builder, self)
+                if link:
+                    urls[key] = link
+                elif not self._share_warned:
+                    log.warning("no Gradio share link (%s); the local pages still work: %s", why, urls)
+                    self._share_warned = True
+        return urls
+
+    def shutdown(self) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        if self.scheduler is not None:
+            self.scheduler.stop()
+
+    def port_is_free(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex((self.config.host, self.config.port)) != 0

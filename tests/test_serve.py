@@ -1,0 +1,228 @@
+"""The server over real uvicorn on 127.0.0.1: REST, OpenAI client, bad input,
+concurrency, disconnects, shutdown. Random-weight model, local tokenizer."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from easympt.serve import JAXServer, JaxServerConfig, MPTJaxServer
+
+CONFIG = dict(host="127.0.0.1", port=0, batch_size=4, max_length=256, max_new_tokens=64, max_compile_tokens=16,
+              max_queue=64, max_body_bytes=20_000)
+
+
+@pytest.fixture(scope="module")
+def server(lm_checkpoint):
+    srv = MPTJaxServer.from_pretrained(lm_checkpoint, config=CONFIG, progress=False)
+    srv.fire()
+    yield srv
+    srv.shutdown()
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def wait_idle(server, timeout=30):
+    deadline = time.monotonic() + timeout
+    while server.scheduler.active_slots and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return server.scheduler.active_slots == 0
+
+
+def test_config_rejects_unknown_and_bad_keys():
+    with pytest.raises(ValueError, match="max_lenght"):
+        JaxServerConfig(max_lenght=10)
+    with pytest.raises(ValueError, match="temperature"):
+        JaxServerConfig(temperature=-1)
+    with pytest.raises(ValueError, match="dtype"):
+        JaxServerConfig(dtype="int4")
+    assert JaxServerConfig().host == "127.0.0.1" and JaxServerConfig().port == 2059
+
+
+def test_easydel_routes(client):
+    r = client.post("/chat", json={"prompt": "hello", "history": [["hi", "hey"]], "system": "be brief",
+                                   "temperature": 0.5, "greedy": True, "max_new_tokens": 12})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) >= {"input", "response", "tokens_used"}
+    assert "<|im_start|>system\nbe brief<|im_end|>" in body["input"]  # MPT chat = ChatML
+    assert body["tokens_used"] > 12 - 1
+    r = client.post("/instruct", json={"instruction": "write a loop", "greedy": True, "max_new_tokens": 5})
+    assert r.status_code == 200 and "### Instruction:\nwrite a loop" in r.json()["input"]
+    s = client.get("/status").json()
+    assert s["status"] == "ready" and s["batch_size"] == 4 and s["prompt_buckets"][-1] == 256
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_greedy_chat_is_deterministic(client):
+    body = {"prompt": "same", "greedy": True, "max_new_tokens": 16}
+    assert client.post("/chat", json=body).json()["response"] == client.post("/chat", json=body).json()["response"]
+
+
+def test_openai_client(server):
+    from openai import OpenAI
+
+    oa = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in oa.models.list().data] == [server.config.model_name]
+    c = oa.completions.create(model=server.config.model_name, prompt=["def f(", "import"], max_tokens=6, n=2,
+                              seed=3, temperature=0.9)
+    assert len(c.choices) == 4 and c.usage.completion_tokens <= 24
+    assert all(ch.finish_reason in ("length", "stop") for ch in c.choices)
+    again = oa.completions.create(model=server.config.model_name, prompt=["def f(", "import"], max_tokens=6, n=2,
+                                  seed=3, temperature=0.9)
+    assert [ch.text for ch in again.choices] == [ch.text for ch in c.choices]  # seed honoured
+    chat = oa.chat.completions.create(model=server.config.model_name, max_tokens=8, temperature=0,
+                                      messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}])
+    text = chat.choices[0].message.content
+    assert chat.choices[0].message.role == "assistant" and chat.usage.total_tokens > 0
+    stream = oa.chat.completions.create(model=server.config.model_name, max_tokens=8, temperature=0, stream=True,
+                                        messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}])
+    chunks = list(stream)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    s = oa.completions.create(model=server.config.model_name, prompt="x = ", max_tokens=10, temperature=0,
+                              stream=True)
+    assert sum(1 for _ in s) >= 2
+
+
+def test_sse_ends_with_done(client):
+    with client.stream("POST", "/v1/completions", json={"prompt": "a", "max_tokens": 5, "stream": True}) as r:
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] <= 5
+
+
+@pytest.mark.parametrize("path, body, status, needle", [
+    ("/chat", {}, 400, "prompt"),
+    ("/chat", {"prompt": 5}, 400, "prompt"),
+    ("/chat", {"prompt": "x", "temperature": -0.1}, 400, "temperature"),
+    ("/chat", {"prompt": "x", "surprise": 1}, 400, "surprise"),
+    ("/instruct", {"instruction": "x", "max_new_tokens": 10_000}, 400, "exceeds this server's limit"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 65}, 400, "limit 64"),
+    ("/v1/completions", {"prompt": "x", "temperature": 2.5}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "gpt-4"),
+    ("/v1/completions", {"prompt": "x", "n": 99}, 400, "n=99"),
+    ("/v1/completions", {"prompt": []}, 400, "empty"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, 400, "last message"),
+    ("/v1/completions", {"prompt": "word " * 400}, 400, "max_length is 256"),
+])
+def test_bad_input_is_a_named_4xx(client, path, body, status, needle):
+    r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+    assert client.get("/health").status_code == 200
+
+
+def test_truncate_keeps_the_end_of_a_long_prompt(client):
+    r = client.post("/v1/completions", json={"prompt": "word " * 400, "max_tokens": 3, "truncate": True})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 255
+
+
+def test_malformed_bodies(client):
+    r = client.post("/chat", content=b'{"prompt": "\xff\xfe"}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    r = client.post("/chat", content=b'{"prompt": ', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    r = client.post("/chat", content=b"x" * 50_000, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "20000 bytes" in r.json()["error"]["message"]
+
+    def chunks():
+        for _ in range(30):
+            yield b" " * 1000
+    r = client.post("/chat", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert client.post("/chat", json={"prompt": "still alive", "max_new_tokens": 2}).status_code == 200
+
+
+def test_api_key(server, client):
+    server.config.api_key = "sekrit"
+    try:
+        assert client.post("/chat", json={"prompt": "x"}).status_code == 401
+        r = client.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        assert client.get("/health").status_code == 200
+        ok = client.get("/v1/models", headers={"Authorization": "Bearer sekrit"})
+        assert ok.status_code == 200
+    finally:
+        server.config.api_key = None
+
+
+def test_sixteen_concurrent_clients(server):
+    results, errors = [], []
+
+    def one(i):
+        try:
+            with httpx.Client(base_url=server.url, timeout=300) as c:
+                r = c.post("/v1/completions", json={"prompt": f"item {i}", "max_tokens": 12, "seed": i,
+                                                    "temperature": 0.8})
+                results.append((i, r.status_code, r.json()["usage"]["completion_tokens"]))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert len(results) == 16 and all(code == 200 and 1 <= n <= 12 for _, code, n in results)
+    assert wait_idle(server)
+
+
+def test_disconnect_mid_stream_frees_the_slot(server, monkeypatch):
+    original = server.engine.generate
+
+    def slow_generate(*args, **kwargs):  # a tiny model finishes 64 tokens before a client can leave
+        out = original(*args, **kwargs)
+        time.sleep(0.3)
+        return out
+    monkeypatch.setattr(server.engine, "generate", slow_generate)
+    monkeypatch.setattr(server.scheduler, "eos_ids", ())  # the random model must not end on its own
+    cancelled = server.metrics.requests.labels("cancelled")._value.get()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json={"prompt": "go", "max_tokens": 64, "stream": True,
+                                                       "temperature": 0.9}) as r:
+            it = (ln for ln in r.iter_lines() if ln)
+            next(it)
+            next(it)  # a token chunk: the request holds a slot now
+            assert server.scheduler.active_slots == 1
+    assert wait_idle(server, timeout=30)
+    assert server.metrics.requests.labels("cancelled")._value.get() == cancelled + 1
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.post("/chat", json={"prompt": "after", "max_new_tokens": 2}).status_code == 200
+
+
+def test_metrics(client):
+    client.post("/chat", json={"prompt": "m", "max_new_tokens": 3})
+    text = client.get("/metrics").text
+    for name in ("easympt_generated_tokens_total", "easympt_queue_depth", "easympt_time_to_first_token_seconds",
+                 "easympt_inter_token_latency_seconds", "easympt_http_requests_total"):
+        assert name in text
+
+
+def test_shutdown_frees_the_port(lm_checkpoint):
+    srv = JAXServer.from_pretrained(lm_checkpoint, config={**CONFIG, "pre_compile": False}, progress=False)
+    srv.fire()
+    port = srv.config.port
+    assert httpx.get(f"{srv.url}/health").status_code == 200
+    srv.shutdown()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))  # would raise if still held
+
+
+def test_port_in_use_is_a_clear_error(server, lm_checkpoint):
+    srv = JAXServer.from_pretrained(lm_checkpoint, config={**CONFIG, "pre_compile": False,
+                                                            "port": server.config.port}, progress=False)
+    with pytest.raises(OSError, match=str(server.config.port)):
+        srv.fire()
+    srv.shutdown()
