@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class KVCache:
-    keys: tuple  # per layer [B, S, Hkv, D]
-    values: tuple  # per layer [B, S, Hkv, D]
+    keys: tuple  # per layer [B, K, S, D]: heads-major, so attention reads each head contiguously
+    values: tuple  # per layer [B, K, S, D]
     key_valid: jax.Array  # [B, S] bool: slot holds a real (non-padding) token
     index: jax.Array  # [B] int32: next slot to write
     n_tokens: jax.Array  # [B] int32: real tokens seen so far (learned position ids)
@@ -32,7 +32,7 @@ class KVCache:
 
     @classmethod
     def zeros(cls, config, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
-        shape = (batch_size, max_length, config.kv_heads, config.head_dim)
+        shape = (batch_size, config.kv_heads, max_length, config.head_dim)
         return cls(
             keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)),
             values=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)),
@@ -42,15 +42,16 @@ class KVCache:
         )
 
 
-def write_rows(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
-    """buffer[b, index[b]:index[b]+T] = update[b] for every row b.
+def write_rows(buffer: jax.Array, update: jax.Array, index: jax.Array, axis: int = 1) -> jax.Array:
+    """Write update[b] into buffer[b] at slot index[b] along `axis`, for every row b.
 
-    buffer [B, S, ...], update [B, T, ...], index [B]. The caller guarantees
-    index + T <= S (dynamic_update_slice would clamp silently otherwise).
+    buffer [B, ..., S, ...], update [B, ..., T, ...] (slots on `axis`), index [B].
+    The caller guarantees index + T <= S (dynamic_update_slice would clamp
+    silently otherwise).
     """
 
     def one(buf, upd, i):
-        start = (i,) + (0,) * (buf.ndim - 1)
+        start = tuple(i if d == axis - 1 else 0 for d in range(buf.ndim))
         return jax.lax.dynamic_update_slice(buf, upd.astype(buf.dtype), start)
 
     return jax.vmap(one)(buffer, update, index)

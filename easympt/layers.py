@@ -152,7 +152,7 @@ class MptAttention(nn.Module):
 
         The ALiBi bias is built here, next to the scores, so XLA fuses it
         instead of keeping a [B, H, T, S] tensor alive across layers.
-        layer_cache: (keys, values) buffers [B, S, K, D] to write the new keys
+        layer_cache: (keys, values) buffers [B, K, S, D] to write the new keys
         into at `write_index` [B]; returns (out [B, T, E], new layer_cache).
         """
         c = self.config
@@ -170,18 +170,20 @@ class MptAttention(nn.Module):
         if c.attn_config.qk_ln:
             q = make_norm(c, "q_ln", self.dtype, self.param_dtype)(q).astype(qkv.dtype)
             k = make_norm(c, "k_ln", self.dtype, self.param_dtype)(k).astype(qkv.dtype)
-        q = constrain(q.reshape(B, T, H, D), self.mesh, ("batch", "length", "heads", "head_dim"))
-        k = constrain(k.reshape(B, T, K, D), self.mesh, ("batch", "length", "kv_heads", "head_dim"))
-        v = constrain(v.reshape(B, T, K, D), self.mesh, ("batch", "length", "kv_heads", "head_dim"))
+        # heads-major layout [B, K, T, D] to match the cache: no per-step transposes of the cache
+        q = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+        k = constrain(k.reshape(B, T, K, D).transpose(0, 2, 1, 3), self.mesh,
+                      ("batch", "kv_heads", "length", "head_dim"))
+        v = constrain(v.reshape(B, T, K, D).transpose(0, 2, 1, 3), self.mesh,
+                      ("batch", "kv_heads", "length", "head_dim"))
 
         if layer_cache is not None:
-            k = write_rows(layer_cache[0], k, write_index)
-            v = write_rows(layer_cache[1], v, write_index)
+            k = write_rows(layer_cache[0], k, write_index, axis=2)
+            v = write_rows(layer_cache[1], v, write_index, axis=2)
             layer_cache = (k, v)
 
         scale = c.attn_config.softmax_scale or 1.0 / math.sqrt(D)
-        qg = q.reshape(B, T, K, H // K, D)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), precision=self.precision,
+        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(q.dtype), precision=self.precision,
                             preferred_element_type=jnp.float32) * scale
         S = scores.shape[-1]
         if c.attn_config.alibi:
@@ -191,7 +193,7 @@ class MptAttention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         if c.attn_config.attn_pdrop and not deterministic:
             probs = nn.Dropout(c.attn_config.attn_pdrop)(probs, deterministic=False)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype), precision=self.precision)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(self.dtype), precision=self.precision)
         out = constrain(out.reshape(B, T, H * D), self.mesh, ("batch", "length", "heads"))
         return dense(c.d_model, "out_proj", residual_init)(out), layer_cache
 

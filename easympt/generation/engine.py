@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easympt.cache import KVCache, write_rows
+from easympt.cache import KVCache
 from easympt.generation.sampling import NO_STOP, SamplingConfig, SamplingRows, sample
 from easympt.model import FlaxMptForCausalLM, unwrap_params
 
@@ -123,8 +123,8 @@ class GenerationEngine:
         new = self._start(prefix, capacity=c.max_length)
         P = prefix.cache.max_length
 
-        def put(buf, rows):  # rows [n, P, ...] into buf[slots, :P]
-            return buf.at[slots, :P].set(rows.astype(buf.dtype))
+        def put(buf, rows):  # rows [n, K, P, D] into buf[slots, :, :P]
+            return buf.at[slots, :, :P].set(rows.astype(buf.dtype))
 
         key_valid = c.key_valid.at[slots].set(False).at[slots, :P].set(prefix.cache.key_valid)
         cache = c.replace(
