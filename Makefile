@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --timeout 600
 
 .PHONY: install test serve bench clean
 

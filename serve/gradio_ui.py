@@ -106,11 +106,13 @@ def build_chat_ui(server):
             return history
 
         inputs = [chatbot, system, temperature, top_p, max_tokens]
-        e1 = msg.submit(add_user, [msg, chatbot], [msg, chatbot]).then(reply, inputs, chatbot)
-        e2 = send.click(add_user, [msg, chatbot], [msg, chatbot]).then(reply, inputs, chatbot)
-        e3 = retry.click(drop_reply, chatbot, chatbot).then(reply, inputs, chatbot)
-        stop.click(None, None, None, cancels=[e1, e2, e3])
-        clear.click(lambda: [], None, chatbot)
+        e1 = msg.submit(add_user, [msg, chatbot], [msg, chatbot], api_name="add_message").then(
+            reply, inputs, chatbot, api_name="chat")
+        e2 = send.click(add_user, [msg, chatbot], [msg, chatbot], api_name=False).then(
+            reply, inputs, chatbot, api_name=False)
+        e3 = retry.click(drop_reply, chatbot, chatbot, api_name=False).then(reply, inputs, chatbot, api_name=False)
+        stop.click(None, None, None, cancels=[e1, e2, e3], api_name=False)
+        clear.click(lambda: [], None, chatbot, api_name=False)
     return demo
 
 
@@ -136,7 +138,7 @@ def build_instruct_ui(server):
             yield from _stream(server, prompt, sampling)
 
         ev = run.click(answer, [instruction, system, temperature, top_p, max_tokens], output, api_name="instruct")
-        stop.click(None, None, None, cancels=[ev])
+        stop.click(None, None, None, cancels=[ev], api_name=False)
     return demo
 
 

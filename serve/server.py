@@ -266,6 +266,10 @@ class JAXServer:
             mount(self.app, inst, "/gradio_instruct")
             self._gradio_mounted = True
         urls = {"chat": f"{self.url}/gradio_chat/", "inst": f"{self.url}/gradio_instruct/"}
+        import httpx
+
+        for url in urls.values():  # uvicorn's lifespan already ran: start the pages' queues by hand
+            httpx.get(url + "gradio_api/startup-events", timeout=30, headers=self._auth_header())
         for key, builder, wanted in (("chat", build_chat_ui, share_chat), ("inst", build_instruct_ui, share_inst)):
             if wanted:
                 link, why = try_share(builder, self)
@@ -275,6 +279,9 @@ class JAXServer:
                     log.warning("no Gradio share link (%s); the local pages still work: %s", why, urls)
                     self._share_warned = True
         return urls
+
+    def _auth_header(self) -> dict:
+        return {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
 
     def shutdown(self) -> None:
         if self._uvicorn is not None:

@@ -177,3 +177,18 @@ def lm_checkpoint(tmp_path_factory, tokenizer):
                        n_layers=2, eos_token_id=tokenizer.eos_token_id)
     tokenizer.save_pretrained(str(path))
     return str(path)
+
+
+SERVER_CONFIG = dict(host="127.0.0.1", port=0, batch_size=4, max_length=256, max_new_tokens=64,
+                     max_compile_tokens=16, max_queue=64, max_body_bytes=20_000)
+
+
+@pytest.fixture(scope="session")
+def server(lm_checkpoint):
+    """One precompiled MPTJaxServer on a free port, shared by the HTTP, Gradio and browser tests."""
+    from easympt.serve import MPTJaxServer
+
+    srv = MPTJaxServer.from_pretrained(lm_checkpoint, config=SERVER_CONFIG, progress=False)
+    srv.fire()
+    yield srv
+    srv.shutdown()

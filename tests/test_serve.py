@@ -9,18 +9,9 @@ import time
 import httpx
 import pytest
 
-from easympt.serve import JAXServer, JaxServerConfig, MPTJaxServer
+from easympt.serve import JAXServer, JaxServerConfig
 
-CONFIG = dict(host="127.0.0.1", port=0, batch_size=4, max_length=256, max_new_tokens=64, max_compile_tokens=16,
-              max_queue=64, max_body_bytes=20_000)
-
-
-@pytest.fixture(scope="module")
-def server(lm_checkpoint):
-    srv = MPTJaxServer.from_pretrained(lm_checkpoint, config=CONFIG, progress=False)
-    srv.fire()
-    yield srv
-    srv.shutdown()
+from conftest import SERVER_CONFIG as CONFIG
 
 
 @pytest.fixture
