@@ -1,0 +1,146 @@
+"""Server throughput and latency under 1, 4 and 16 concurrent streaming clients,
+and a soak run (many requests, random disconnects) that checks for server
+errors and RSS growth. Everything talks to 127.0.0.1 only.
+
+    python benchmarks/bench_server.py [--model DIR] [--max-tokens 64] [--soak 1000]
+
+There is no peer here: transformers has no server. The figure that matters
+is scaling: aggregate tok/s at 16 clients over 1 client (target >= 4x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import resource
+import statistics
+import sys
+import time
+
+import httpx
+
+
+def pct(xs, q):
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def one_stream(client: httpx.AsyncClient, i: int, max_tokens: int, disconnect_after: int | None = None):
+    body = {"prompt": f"def function_{i}(x):", "max_tokens": max_tokens, "temperature": 0.8, "seed": i,
+            "stream": True}
+    t0 = time.perf_counter()
+    ttft, gaps, last, tokens = None, [], None, 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"status": r.status_code}
+        n = 0
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            msg = json.loads(line[6:])
+            if "error" in msg:
+                return {"status": 500}
+            now = time.perf_counter()
+            if msg["choices"][0]["text"]:
+                if ttft is None:
+                    ttft = now - t0
+                elif last is not None:
+                    gaps.append(now - last)
+                last = now
+            if msg.get("usage"):
+                tokens = msg["usage"]["completion_tokens"]
+            n += 1
+            if disconnect_after is not None and n >= disconnect_after:
+                return {"status": 499}
+    return {"status": 200, "ttft": ttft, "gaps": gaps, "tokens": tokens, "total": time.perf_counter() - t0}
+
+
+async def load(url: str, clients: int, requests_per_client: int, max_tokens: int) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        async def worker(w):
+            return [await one_stream(client, w * 1000 + k, max_tokens) for k in range(requests_per_client)]
+        t0 = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker(w) for w in range(clients))) for r in rs]
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r["status"] == 200]
+    ttfts = [r["ttft"] for r in ok if r["ttft"] is not None]
+    gaps = [g for r in ok for g in r["gaps"]]
+    tokens = sum(r["tokens"] for r in ok)
+    return {"clients": clients, "requests": len(results), "errors": len(results) - len(ok),
+            "tok_s": tokens / wall, "ttft_p50_s": pct(ttfts, 0.5), "ttft_p99_s": pct(ttfts, 0.99),
+            "chunk_gap_p50_s": pct(gaps, 0.5), "chunk_gap_p99_s": pct(gaps, 0.99)}
+
+
+async def soak(url: str, n: int, concurrency: int, max_tokens: int, rss) -> dict:
+    rng = random.Random(0)
+    sem = asyncio.Semaphore(concurrency)
+    statuses: dict[int, int] = {}
+    rss_after_warmup = None
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        async def one(i):
+            nonlocal rss_after_warmup
+            async with sem:
+                cut = rng.randint(1, 4) if rng.random() < 0.3 else None
+                try:
+                    r = await one_stream(client, i, max_tokens, disconnect_after=cut)
+                    statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+                except httpx.HTTPError:
+                    statuses[-1] = statuses.get(-1, 0) + 1
+                if i == min(100, n - 1):
+                    rss_after_warmup = rss()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        health = (await client.get("/health")).status_code
+    end = rss()
+    return {"requests": n, "statuses": statuses, "server_errors": sum(v for k, v in statuses.items() if k >= 500),
+            "health_after": health, "rss_after_100_mb": rss_after_warmup / 2**20, "rss_end_mb": end / 2**20,
+            "rss_growth": (end - rss_after_warmup) / rss_after_warmup}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: the offline demo checkpoint)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--soak", type=int, default=1000, help="soak requests (0 to skip)")
+    args = ap.parse_args()
+
+    from easympt.demo import random_demo_checkpoint
+    from easympt.serve import MPTJaxServer
+
+    model = args.model or random_demo_checkpoint()
+    server = MPTJaxServer.from_pretrained(model, config={"port": 0, "batch_size": 16, "max_length": 512,
+                                                         "max_new_tokens": args.max_tokens,
+                                                         "max_compile_tokens": 16, "max_queue": 256})
+    server.fire()
+
+    def rss() -> int:  # this process holds the server: its resident set
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize()
+
+    result = {"model": model, "max_tokens": args.max_tokens, "load": []}
+    try:
+        for clients in (1, 4, 16):
+            r = asyncio.run(load(server.url, clients, args.requests_per_client, args.max_tokens))
+            result["load"].append(r)
+            print(f"{clients:3d} clients: {r['tok_s']:8.1f} tok/s  ttft p50 {r['ttft_p50_s']:.3f}s "
+                  f"p99 {r['ttft_p99_s']:.3f}s  chunk gap p50 {r['chunk_gap_p50_s']:.3f}s "
+                  f"p99 {r['chunk_gap_p99_s']:.3f}s  errors {r['errors']}")
+        result["scaling_16_over_1"] = result["load"][2]["tok_s"] / result["load"][0]["tok_s"]
+        print(f"16 clients / 1 client aggregate throughput: {result['scaling_16_over_1']:.2f}x")
+        if args.soak:
+            s = asyncio.run(soak(server.url, args.soak, 16, 16, rss))
+            result["soak"] = s
+            print(f"soak: {s['requests']} requests, statuses {s['statuses']}, server errors {s['server_errors']}, "
+                  f"RSS {s['rss_after_100_mb']:.0f} -> {s['rss_end_mb']:.0f} MiB ({100 * s['rss_growth']:+.1f}%)")
+    finally:
+        server.shutdown()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

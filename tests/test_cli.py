@@ -1,0 +1,64 @@
+"""`easympt ...` as a user types it."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+EASYMPT = [sys.executable, "-m", "easympt.cli"]
+
+
+def run(*args, timeout=600):
+    return subprocess.run(EASYMPT + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_for_every_command():
+    for cmd in ("generate", "convert", "serve"):
+        r = run(cmd, "--help")
+        assert r.returncode == 0 and "usage: easympt " + cmd in r.stdout
+
+
+def test_generate_streams_text(lm_checkpoint):
+    r = run("generate", lm_checkpoint, "def f(x):", "--max-new-tokens", "8", "--max-length", "64",
+            "--max-compile-tokens", "8", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert "finish_reason" in r.stderr
+
+
+def test_bad_model_is_a_clear_error(tmp_path):
+    r = run("generate", str(tmp_path / "missing"), "x")
+    assert r.returncode == 2 and "not a local directory" in r.stderr
+
+
+def test_convert_round_trip(lm_checkpoint, tmp_path):
+    r = run("convert", lm_checkpoint, str(tmp_path / "out"), "--max-shard-size", "100KB")
+    assert r.returncode == 0, r.stderr
+    files = os.listdir(tmp_path / "out")
+    assert "model.safetensors.index.json" in files and "tokenizer.json" in files
+
+
+def test_serve_answers_over_http(lm_checkpoint):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(EASYMPT + ["serve", lm_checkpoint, "--port", str(port), "--max-length", "128",
+                                       "--max-compile-tokens", "16", "--max-new-tokens", "16", "--no-gradio"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(30)
