@@ -15,7 +15,6 @@ import asyncio
 import json
 import random
 import resource
-import statistics
 import sys
 import time
 

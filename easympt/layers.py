@@ -138,13 +138,20 @@ def make_norm(config: MptConfig, name: str, dtype, param_dtype) -> nn.Module:
                         use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-# ------------------------------------------------------------------- attention
-class MptAttention(nn.Module):
+# ---------------------------------------------------------------- base module
+class MptModule(nn.Module):
+    """Fields every MPT module carries: the config, dtypes, matmul precision and
+    the mesh its activations are constrained to (None: no constraints)."""
+
     config: MptConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     precision: jax.lax.Precision | None = None
     mesh: jax.sharding.Mesh | None = None
+
+
+# ------------------------------------------------------------------- attention
+class MptAttention(MptModule):
 
     @nn.compact
     def __call__(self, x, mask, slots, layer_cache=None, write_index=None, deterministic=True):
@@ -206,14 +213,8 @@ def activation(config: MptConfig):
     return {"silu": jax.nn.silu, "relu": jax.nn.relu}[f.act_name]
 
 
-class MptFFN(nn.Module):
+class MptFFN(MptModule):
     """mptmlp: down(act(up(x))); mptglu: down(act(gate(x)) * up(x))."""
-
-    config: MptConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    precision: jax.lax.Precision | None = None
-    mesh: jax.sharding.Mesh | None = None
 
     @nn.compact
     def __call__(self, x):

@@ -7,7 +7,6 @@ converter's name map is one short table.
 
 from __future__ import annotations
 
-from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -17,16 +16,11 @@ import jax.numpy as jnp
 from easympt.cache import KVCache, write_rows
 from easympt.config import MptConfig
 from easympt.dtypes import default_compute_dtype, resolve_dtype
-from easympt.layers import MptAttention, MptFFN, attention_allowed, initializers, make_norm
+from easympt.layers import MptAttention, MptFFN, MptModule, attention_allowed, initializers, make_norm
 from easympt.sharding import constrain
 
 
-class MptBlock(nn.Module):
-    config: MptConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    mesh: Any = None
+class MptBlock(MptModule):
 
     @nn.compact
     def __call__(self, x, mask, slots, layer_cache=None, write_index=None, deterministic=True):
@@ -42,14 +36,9 @@ class MptBlock(nn.Module):
         return constrain(x, self.mesh, ("batch", "length", "embed")), layer_cache
 
 
-class MptTransformer(nn.Module):
+class MptTransformer(MptModule):
     """Embeddings, blocks and final norm: hidden states [B, T, E]."""
 
-    config: MptConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    mesh: Any = None
 
     def setup(self):
         c = self.config
@@ -120,12 +109,7 @@ class MptTransformer(nn.Module):
         return self.wte.attend(x)
 
 
-class MptForCausalLMModule(nn.Module):
-    config: MptConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    mesh: Any = None
+class MptForCausalLMModule(MptModule):
 
     def setup(self):
         c = self.config

@@ -21,29 +21,24 @@ class StrictBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ChatRequest(StrictBody):
+class _SamplingFields(StrictBody):
+    system: str | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    greedy: bool = False
+    max_new_tokens: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0)
+    truncate: bool = False
+
+
+class ChatRequest(_SamplingFields):
     prompt: str
     history: list[tuple[str, str]] = Field(default_factory=list)
-    system: str | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    greedy: bool = False
-    max_new_tokens: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=0)
-    truncate: bool = False
 
 
-class InstructRequest(StrictBody):
+class InstructRequest(_SamplingFields):
     instruction: str
-    system: str | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    greedy: bool = False
-    max_new_tokens: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=0)
-    truncate: bool = False
 
 
 class GenerationReply(BaseModel):

@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import time
 
 import httpx
 import pytest

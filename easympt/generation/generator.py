@@ -31,6 +31,12 @@ class StreamChunk:
     finish_reason: str | None = None
 
 
+def _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop,
+              stop_token_ids) -> SamplingConfig:
+    return SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_new_tokens,
+                          tuple([stop] if isinstance(stop, str) else stop), tuple(stop_token_ids))
+
+
 class Generator:
     """`generate` (a prompt or a batch) and `stream` (one prompt) over a GenerationEngine."""
 
@@ -108,8 +114,8 @@ class Generator:
         prompts = [prompt] if single else list(prompt)
         if not prompts:
             return []
-        cfg = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_new_tokens,
-                             tuple([stop] if isinstance(stop, str) else stop), tuple(stop_token_ids))
+        cfg = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop,
+                        stop_token_ids)
         results = self.generate_batch(prompts, [cfg] * len(prompts))
         return results[0] if single else results
 
@@ -149,8 +155,8 @@ class Generator:
                top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int = 0,
                stop=(), stop_token_ids=()) -> Iterator[StreamChunk]:
         """Chunks of new text as they are generated (one dispatch of max_compile_tokens at a time)."""
-        cfg = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_new_tokens,
-                             tuple([stop] if isinstance(stop, str) else stop), tuple(stop_token_ids))
+        cfg = _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop,
+                        stop_token_ids)
         ids = self.encode(prompt)
         text = IncrementalText(self.tokenizer, cfg.stop)
         run = self._run([ids], [cfg])
