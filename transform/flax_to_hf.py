@@ -30,6 +30,20 @@ def parse_size(size) -> int:
     return int(s)
 
 
+def plan_shards(sizes: list[tuple[int, int]], limit: int) -> list[list[int]]:
+    """Group (nbytes, id) in order into shards of at most `limit` bytes (a
+    larger tensor gets a shard of its own), as transformers does."""
+    shards, current, size = [], [], 0
+    for nbytes, i in sizes:
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += nbytes
+    shards.append(current)
+    return shards
+
+
 def mpt_to_pretrained(params, config: MptConfig, out_dir: str, max_shard_size="5GB", tokenizer=None,
                       dtype=None) -> str:
     """Write a checkpoint that transformers' MptForCausalLM loads unchanged.
@@ -47,28 +61,26 @@ def mpt_to_pretrained(params, config: MptConfig, out_dir: str, max_shard_size="5
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
     try:
-        shards, current, size = [], {}, 0
-        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-            hf_name, transpose = flax_to_hf_name(path_str(path))
-            arr = np.asarray(jax.device_get(leaf))
-            if dtype is not None:
-                arr = arr.astype(dtype)
-            arr = np.ascontiguousarray(arr.T if transpose else arr)
-            if current and size + arr.nbytes > limit:
-                shards.append(current)
-                current, size = {}, 0
-            current[hf_name] = arr
-            size += arr.nbytes
-        shards.append(current)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-                total += sum(a.nbytes for a in shard.values())
+        leaves = [(flax_to_hf_name(path_str(path)), leaf)
+                  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
+        shards = plan_shards([(np.dtype(dtype or leaf.dtype).itemsize * leaf.size, i)
+                              for i, (_, leaf) in enumerate(leaves)], limit)
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        weight_map, total = {}, 0
+        for fname, shard in zip(names, shards):  # one shard in host memory at a time
+            tensors = {}
+            for i in shard:
+                (hf_name, transpose), leaf = leaves[i]
+                arr = np.asarray(jax.device_get(leaf))
+                if dtype is not None:
+                    arr = arr.astype(dtype)
+                tensors[hf_name] = np.ascontiguousarray(arr.T if transpose else arr)
+            save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in tensors})
+            total += sum(a.nbytes for a in tensors.values())
+            del tensors
+        if len(shards) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
         config.save_pretrained(tmp)

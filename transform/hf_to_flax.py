@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import jax
+import ml_dtypes
 import numpy as np
 
 from easympt.config import MptConfig
@@ -127,29 +129,90 @@ def _torch_to_numpy(t) -> np.ndarray:
 
     t = t.contiguous()
     if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
 
 
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
+
+
+def _safetensors_header(path: str) -> tuple[dict, int]:
+    """(header, offset of the data section); raises naming the file on anything malformed."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n} for a {size}-byte file)")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        if end > data_size:
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {end} of a "
+                                  f"{data_size}-byte data section")
+    return header, 8 + n
+
+
 def open_safetensors(path: str) -> Iterator[LazyTensor]:
-    from safetensors import safe_open
+    """Tensors read straight from the file into their own buffers.
 
-    cpu = jax.devices("cpu")[0]
+    The safetensors library maps the whole file, and every mapped page a
+    conversion touches stays in the process's resident set until the file
+    is closed: a single-file checkpoint would then cost two copies of the
+    weights. Reading each tensor (or the rows a shard needs) with
+    `np.fromfile` keeps host memory at one tensor beyond the result.
+    """
+    header, data_start = _safetensors_header(path)
+    for name, info in header.items():
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        shape = tuple(info["shape"])
+        begin = data_start + info["data_offsets"][0]
+
+        def read(index, shape=shape, dtype=dtype, begin=begin):
+            index = index if isinstance(index, tuple) else (index,)
+            rows = index[0] if index and isinstance(index[0], slice) else slice(None)
+            start, stop, step = rows.indices(shape[0]) if shape else (0, 1, 1)
+            if step != 1 or not shape:
+                start, stop, rest = 0, (shape[0] if shape else 1), index
+            else:
+                rest = (slice(None),) + tuple(index[1:])
+            row = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
+            count = (stop - start) * row
+            block = np.fromfile(path, dtype=dtype, count=count, offset=begin + start * row * dtype.itemsize)
+            if block.size != count:
+                raise ValueError(f"file ended after {block.size} of {count} elements")
+            block = block.reshape((stop - start,) + shape[1:]) if shape else block.reshape(())
+            return block[rest] if rest else block
+
+        yield LazyTensor(path, name, shape, read)
+
+
+def _release_pages(t) -> None:
+    """Drop the mapped file pages behind a torch tensor (Linux): they are
+    re-read from disk if touched again, so this only frees resident memory."""
+    import ctypes
+    import mmap
+
     try:
-        handle = safe_open(path, framework="flax")
-        names = list(handle.keys())
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
-    for name in names:
-        sl = handle.get_slice(name)
-
-        def read(index, sl=sl):
-            with jax.default_device(cpu):
-                return np.asarray(sl[index])
-
-        yield LazyTensor(path, name, tuple(sl.get_shape()), read)
+        storage = t.untyped_storage()
+        ptr, n = storage.data_ptr(), storage.nbytes()
+        page = mmap.PAGESIZE
+        start = ptr - ptr % page
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(ptr + n - start), 4)  # MADV_DONTNEED
+    except (OSError, AttributeError):
+        pass  # not Linux, or no libc symbol: memory is only held longer
 
 
 def open_torch_bin(path: str) -> Iterator[LazyTensor]:
@@ -157,17 +220,25 @@ def open_torch_bin(path: str) -> Iterator[LazyTensor]:
         import torch
     except ImportError:
         raise ImportError(f"{path}: reading .bin checkpoints needs torch: pip install 'easympt[torch]'") from None
+    mapped = True
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            state, mapped = torch.load(path, map_location="cpu", weights_only=True), False  # legacy format
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {e}") from e
+
+    def read(index, t):
+        out = _torch_to_numpy(t[index]).copy()
+        if mapped and sys.platform.startswith("linux"):
+            _release_pages(t)
+        return out
+
     for name, t in state.items():
-        yield LazyTensor(path, name, tuple(t.shape), lambda index, t=t: _torch_to_numpy(t[index]))
+        yield LazyTensor(path, name, tuple(t.shape), lambda index, t=t: read(index, t))
 
 
 def open_checkpoint(files: list[str]) -> dict[str, LazyTensor]:
