@@ -42,22 +42,39 @@ def cmd_generate(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    """Hugging Face checkpoint <-> easympt checkpoint (orbax), or HF -> HF
+    (re-shard, re-type, .bin -> safetensors). The source format is detected."""
+    from easympt.checkpoint import is_easympt_checkpoint, load_params, save_params
     from easympt.transform import mpt_from_pretrained, mpt_to_pretrained
     from easympt.transform.hf_to_flax import resolve_checkpoint_dir
 
-    src = resolve_checkpoint_dir(args.src)
-    params, config = mpt_from_pretrained(src, dtype=args.dtype or "fp32")
-    tokenizer = None
+    src_is_easympt = is_easympt_checkpoint(args.src)
+    to = args.to or ("hf" if src_is_easympt else "easympt" if args.dst.endswith(".easympt") else "hf")
+    if src_is_easympt:
+        params, config = load_params(args.src, dtype=args.dtype or "fp32")
+        src = None
+    else:
+        src = resolve_checkpoint_dir(args.src)
+        params, config = mpt_from_pretrained(src, dtype=args.dtype or "fp32")
+    if to == "easympt":
+        out = save_params(params, config, args.dst)
+    else:
+        out = mpt_to_pretrained(params, config, args.dst, max_shard_size=args.max_shard_size,
+                                tokenizer=_tokenizer_or_none(src), dtype=args.dtype)
+    print(f"wrote {to} checkpoint {out}")
+    return 0
+
+
+def _tokenizer_or_none(src):
+    if src is None:
+        return None
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(src)
+        return AutoTokenizer.from_pretrained(src)
     except Exception as e:  # a weights-only checkpoint is fine to convert
         print(f"note: no tokenizer copied ({type(e).__name__})", file=sys.stderr)
-    out = mpt_to_pretrained(params, config, args.dst, max_shard_size=args.max_shard_size, tokenizer=tokenizer,
-                            dtype=args.dtype)
-    print(f"wrote {out}")
-    return 0
+        return None
 
 
 def cmd_serve(args) -> int:
@@ -126,9 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("convert", help="re-write a Hugging Face MPT checkpoint (e.g. .bin shards -> safetensors)")
-    p.add_argument("src", help="checkpoint directory or hub id")
+    p = sub.add_parser("convert", help="Hugging Face MPT checkpoint <-> easympt (orbax) checkpoint, or HF -> HF "
+                                       "(e.g. .bin shards -> safetensors)")
+    p.add_argument("src", help="HF checkpoint directory or hub id, or an easympt checkpoint (a training step too)")
     p.add_argument("dst", help="output directory (written atomically)")
+    p.add_argument("--to", choices=("hf", "easympt"), default=None,
+                   help="output format (default: hf from an easympt source; from an HF source easympt when "
+                        "DST ends in .easympt, else hf)")
     p.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 for the written tensors")
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(func=cmd_convert)

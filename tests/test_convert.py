@@ -146,3 +146,49 @@ def test_forward_after_conversion_is_deterministic(tmp_path, tokens):
     a = model(ids, mask, params=params).logits
     b = model(ids, mask, params={"params": params}).logits  # the wrapped form is accepted too
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_easympt_checkpoint_round_trip_and_dtype(tmp_path):
+    from easympt.checkpoint import is_easympt_checkpoint, load_params, save_params
+
+    params, config = mpt_from_pretrained(write_checkpoint(tmp_path / "c", CFG, SD), progress=False)
+    save_params(params, config, str(tmp_path / "e"))
+    assert is_easympt_checkpoint(str(tmp_path / "e"))
+    back, config2 = load_params(str(tmp_path / "e"), dtype="fp32")
+    assert config2.to_dict() == config.to_dict()
+    a, b = _leaves(params), _leaves(back)
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    half, _ = load_params(str(tmp_path / "e"), dtype="bf16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(half))
+
+
+def test_interrupted_easympt_save_is_not_a_checkpoint(tmp_path):
+    from easympt.checkpoint import is_easympt_checkpoint, load_params
+
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "config.json").write_text(json.dumps(CFG))
+    (tmp_path / "e" / "params.orbax-checkpoint-tmp-1").mkdir()  # what orbax leaves when killed mid-save
+    assert not is_easympt_checkpoint(str(tmp_path / "e"))
+    with pytest.raises(FileNotFoundError, match="not an easympt checkpoint"):
+        load_params(str(tmp_path / "e"))
+
+
+def test_cli_convert_both_directions(tmp_path, tokens):
+    """HF (.bin shards) -> easympt -> HF safetensors: same tensors, same logits in transformers."""
+    import subprocess
+    import sys
+
+    src = write_checkpoint(tmp_path / "src", CFG, SD, fmt="bin", n_shards=2)
+    cli = [sys.executable, "-m", "easympt.cli", "convert"]
+    r = subprocess.run(cli + [src, str(tmp_path / "m.easympt")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "wrote easympt checkpoint" in r.stdout
+    r = subprocess.run(cli + [str(tmp_path / "m.easympt"), str(tmp_path / "hf")], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "wrote hf checkpoint" in r.stdout
+    ids, mask = tokens
+    assert_logits_close(hf_logits(str(tmp_path / "hf"), ids, mask), hf_logits(src, ids, mask), mask=mask,
+                        rtol_scale=1e-6)

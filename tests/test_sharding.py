@@ -69,3 +69,4 @@ def test_sharded_loading_on_8_simulated_devices(tmp_path, shape):
     assert report["wte"]["shard"] == [128 // tp, 64 // fsdp]
     assert report["down"]["shard"] == [256 // tp, 64 // fsdp]
     assert report["max_abs_diff"] <= 1e-4 * max(1.0, report["logit_scale"])
+    assert report["restored_wqkv_shard"] == report["wqkv"]["shard"] and report["restored_equal"]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import numpy as np
 
+from easympt.checkpoint import atomic_directory
 from easympt.config import MptConfig
 from easympt.dtypes import resolve_dtype
 from easympt.model import unwrap_params
@@ -28,6 +28,15 @@ def parse_size(size) -> int:
         if s.endswith(unit):
             return int(float(s[: -len(unit)]) * _UNITS[unit])
     return int(s)
+
+
+def host_array(leaf) -> np.ndarray:
+    """The whole array on this host, gathered across processes when it is sharded over several."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
 
 
 def plan_shards(sizes: list[tuple[int, int]], limit: int) -> list[list[int]]:
@@ -57,10 +66,8 @@ def mpt_to_pretrained(params, config: MptConfig, out_dir: str, max_shard_size="5
     dtype = resolve_dtype(dtype)
     limit = parse_size(max_shard_size)
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
-    try:
+    writer = jax.process_index() == 0  # every process joins the gathers; one writes
+    with atomic_directory(out_dir) if writer else contextlib.nullcontext() as tmp:
         leaves = [(flax_to_hf_name(path_str(path)), leaf)
                   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
         shards = plan_shards([(np.dtype(dtype or leaf.dtype).itemsize * leaf.size, i)
@@ -72,24 +79,21 @@ def mpt_to_pretrained(params, config: MptConfig, out_dir: str, max_shard_size="5
             tensors = {}
             for i in shard:
                 (hf_name, transpose), leaf = leaves[i]
-                arr = np.asarray(jax.device_get(leaf))
+                arr = host_array(leaf)
                 if dtype is not None:
                     arr = arr.astype(dtype)
                 tensors[hf_name] = np.ascontiguousarray(arr.T if transpose else arr)
-            save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+            if writer:
+                save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
             weight_map.update({k: fname for k in tensors})
             total += sum(a.nbytes for a in tensors.values())
             del tensors
+        if not writer:
+            return out_dir
         if len(shards) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

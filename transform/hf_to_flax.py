@@ -289,17 +289,48 @@ def check_tensors(tensors: dict[str, LazyTensor], expected: dict[str, tuple], co
     return plan
 
 
+CHUNK_BYTES = 8 << 20  # a converted tensor is read in row blocks of about this size
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised 64-byte-aligned array: jax's CPU client adopts such
+    a buffer without copying it, so a tensor is never held twice."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(n + 64, np.uint8)
+    offset = (-buf.ctypes.data) % 64
+    return buf[offset:offset + n].view(dtype).reshape(shape)
+
+
+def read_converted(t: LazyTensor, transpose: bool, dtype, index=()) -> np.ndarray:
+    """t[index] in flax layout and `dtype`, filled in row blocks of the file
+    tensor, so the only transient memory is one block."""
+    shape = t.shape[::-1] if transpose else t.shape
+    index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+    file_index = index[::-1] if transpose else index
+    if not shape:
+        return np.asarray(t[()], dtype=dtype)
+    out = _aligned_empty(tuple(len(range(*i.indices(n))) for i, n in zip(index, shape)), dtype)
+    lead = range(*file_index[0].indices(t.shape[0]))
+    rows = max(1, CHUNK_BYTES // (4 * int(np.prod(t.shape[1:], dtype=np.int64))))
+    for k in range(0, len(lead), rows):
+        sub = lead[k:k + rows]
+        block = t[(slice(sub.start, sub.stop, sub.step),) + file_index[1:]]
+        if transpose:
+            out[:, k:k + len(sub)] = block.T
+        else:
+            out[k:k + len(sub)] = block
+    return out
+
+
 def place_tensor(t: LazyTensor, transpose: bool, dtype, device=None, sharding=None) -> jax.Array:
     shape = t.shape[::-1] if transpose else t.shape
-
-    def read(index) -> np.ndarray:
-        index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
-        block = t[index[::-1]] if transpose else t[index]
-        return np.ascontiguousarray(block.T if transpose else block).astype(dtype, copy=False)
-
     if sharding is not None:
-        return jax.make_array_from_callback(shape, sharding, read)
-    return jax.device_put(read(()), device)
+        out = jax.make_array_from_callback(shape, sharding, lambda index: read_converted(t, transpose, dtype, index))
+    else:
+        out = jax.device_put(read_converted(t, transpose, dtype), device)
+    # transfers are asynchronous: waiting keeps host buffers from piling up behind them
+    return out.block_until_ready()
 
 
 def _nest(flat: dict[str, Any]) -> dict:

@@ -34,4 +34,18 @@ local, _ = mpt_from_pretrained(path, device=jax.devices()[0], progress=False)
 ref = np.asarray(FlaxMptForCausalLM(config, _do_init=False)(ids, mask, params=local).logits)
 report["max_abs_diff"] = float(np.abs(got - ref)[mask.astype(bool)].max())
 report["logit_scale"] = float(np.abs(ref).max())
+
+# sharded params -> easympt (orbax) checkpoint -> restored straight into shards
+import tempfile  # noqa: E402
+
+from easympt.checkpoint import load_params, save_params  # noqa: E402
+
+with tempfile.TemporaryDirectory() as tmp:
+    save_params(params, config, tmp + "/ckpt")
+    restored, _ = load_params(tmp + "/ckpt", mesh=mesh)
+    wqkv = restored["transformer"]["blocks_0"]["attn"]["Wqkv"]["kernel"]
+    report["restored_wqkv_shard"] = list(wqkv.addressable_shards[0].data.shape)
+    report["restored_equal"] = all(
+        bool(np.array_equal(np.asarray(a), np.asarray(b)))
+        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(restored)))
 print("REPORT " + json.dumps(report))
