@@ -12,7 +12,7 @@ $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[torch,serve,dev]'
+	$(PY) -m pip install -q -e '.[torch,serve,train,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

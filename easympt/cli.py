@@ -77,6 +77,41 @@ def _tokenizer_or_none(src):
         return None
 
 
+def cmd_train(args) -> int:
+    import dataclasses
+    import json
+
+    from easympt.training.run import run_training
+    from easympt.training.trainer import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = {}
+    if args.config:
+        import yaml
+
+        with open(args.config, encoding="utf-8") as fh:
+            settings = yaml.safe_load(fh) or {}
+        if not isinstance(settings, dict):
+            raise ValueError(f"{args.config}: expected a mapping of settings")
+    for key in ("model", "data", "eval_data", "export", "eval_fraction"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    settings.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    unknown = set(settings) - fields - {"model", "data", "eval_data", "export", "eval_fraction"}
+    if unknown:
+        raise ValueError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+    for need in ("model", "data", "output_dir"):
+        if not settings.get(need):
+            raise ValueError(f"missing setting {need!r} (flag or --config)")
+    model, data = settings.pop("model"), settings.pop("data")
+    eval_data, export = settings.pop("eval_data", None), settings.pop("export", None)
+    eval_fraction = float(settings.pop("eval_fraction", 0.1))
+    result = run_training(model, data, TrainConfig(**settings), eval_data=eval_data, eval_fraction=eval_fraction,
+                          export_dir=export)
+    print(json.dumps(result))
+    return 0
+
+
 def cmd_serve(args) -> int:
     import logging
     import time
@@ -142,6 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-precompile", action="store_true")
     _add_model(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("train", help="fine-tune an HF MPT checkpoint on text / JSONL data (resumes automatically)")
+    p.add_argument("model", nargs="?", default=None, help="HF checkpoint directory or hub id")
+    p.add_argument("--config", default=None, help="YAML file of settings (flags override it)")
+    p.add_argument("--data", default=None, help=".txt (blank-line separated documents) or .jsonl (text or "
+                                                 "prompt/response)")
+    p.add_argument("--eval-data", dest="eval_data", default=None)
+    p.add_argument("--eval-fraction", dest="eval_fraction", type=float, default=None)
+    p.add_argument("--output-dir", dest="output_dir", default=None, help="checkpoints, metrics.jsonl, loss.png")
+    p.add_argument("--export", default=None, help="write the trained model here as an HF checkpoint")
+    for flag, typ in (("seq-len", int), ("batch-size", int), ("grad-accum", int), ("learning-rate", float),
+                      ("warmup-steps", int), ("max-steps", int), ("weight-decay", float),
+                      ("max-grad-norm", float), ("save-every", int), ("keep-last", int), ("seed", int)):
+        p.add_argument("--" + flag, dest=flag.replace("-", "_"), type=typ, default=None)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("convert", help="Hugging Face MPT checkpoint <-> easympt (orbax) checkpoint, or HF -> HF "
                                        "(e.g. .bin shards -> safetensors)")

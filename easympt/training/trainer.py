@@ -1,0 +1,152 @@
+"""Fine-tuning MPT with optax: one jitted step, orbax checkpoints, exact resume.
+
+Everything a step depends on is a function of the step number: the batch
+(a seeded permutation per epoch over the packed rows) and the dropout key
+(`fold_in(seed, step)`). A checkpoint therefore only needs params,
+optimizer state and the step, and a resumed run continues the same loss
+curve as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from easympt.model import FlaxMptForCausalLM
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str
+    seq_len: int = 512
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    warmup_steps: int = 10
+    max_steps: int = 100
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_every: int = 50
+    keep_last: int = 3
+    seed: int = 0
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, max(tc.warmup_steps, 1),
+                                                  max(tc.max_steps, tc.warmup_steps + 1))
+    opt = optax.chain(optax.clip_by_global_norm(tc.max_grad_norm),
+                      optax.adamw(schedule, weight_decay=tc.weight_decay))
+    return optax.MultiSteps(opt, tc.grad_accum) if tc.grad_accum > 1 else opt
+
+
+def lm_loss(model: FlaxMptForCausalLM, params, batch, rng, deterministic: bool):
+    """Mean next-token cross-entropy over positions whose target has loss_mask 1."""
+    c = model.config
+    seq = batch["sequence_id"] if c.attn_config.attn_uses_sequence_id else None
+    logits, _ = model.module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], None, None,
+                                   seq, deterministic, rngs={"dropout": rng})
+    targets = batch["input_ids"][:, 1:]
+    weights = batch["loss_mask"][:, 1:]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), targets)
+    return (ce * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+class Trainer:
+    """Trains `params` on packed rows; checkpoints under `<output_dir>/checkpoints/<step>`."""
+
+    def __init__(self, model: FlaxMptForCausalLM, params, train_rows: dict, tc: TrainConfig,
+                 eval_rows: dict | None = None):
+        import orbax.checkpoint as ocp
+
+        n = len(train_rows["input_ids"])
+        if n < tc.batch_size:
+            raise ValueError(f"{n} packed rows of training data is fewer than batch_size {tc.batch_size}")
+        self.model, self.tc, self.rows, self.eval_rows = model, tc, train_rows, eval_rows
+        self.optimizer = make_optimizer(tc)
+        # the step donates its inputs; the caller's arrays stay valid
+        self.params = jax.tree_util.tree_map(jnp.copy, params)
+        self.opt_state = self.optimizer.init(params)
+        self.step = 0
+        os.makedirs(tc.output_dir, exist_ok=True)
+        model.config.save_pretrained(tc.output_dir)
+        with open(os.path.join(tc.output_dir, "train_config.json"), "w", encoding="utf-8") as fh:
+            json.dump(asdict(tc), fh, indent=2)
+        self.manager = ocp.CheckpointManager(
+            os.path.join(os.path.abspath(tc.output_dir), "checkpoints"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep_last, create=True))
+        deterministic = not (model.config.attn_config.attn_pdrop or model.config.resid_pdrop
+                             or model.config.emb_pdrop)
+
+        def train_step(params, opt_state, batch, rng):
+            loss, grads = jax.value_and_grad(lambda p: lm_loss(model, p, batch, rng, deterministic))(params)
+            updates, opt_state = self.optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        self._train_step = jax.jit(train_step, donate_argnums=(0, 1))
+        self._eval_loss = jax.jit(lambda p, b: lm_loss(model, p, b, jax.random.PRNGKey(0), True))
+
+    # ------------------------------------------------------------------ data
+    def batch_at(self, step: int) -> dict:
+        """The rows of micro-step `step`: a seeded permutation per epoch, a pure function of the step."""
+        n, b = len(self.rows["input_ids"]), self.tc.batch_size
+        per_epoch = n // b
+        epoch, k = divmod(step, per_epoch)
+        order = np.random.default_rng([self.tc.seed, epoch]).permutation(n)
+        idx = order[k * b:(k + 1) * b]
+        return {key: jnp.asarray(v[idx]) for key, v in self.rows.items()}
+
+    # ----------------------------------------------------------- checkpoints
+    def save(self) -> None:
+        import orbax.checkpoint as ocp
+
+        self.manager.save(self.step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(self.params), opt_state=ocp.args.StandardSave(self.opt_state)))
+        self.manager.wait_until_finished()
+
+    def restore_latest(self) -> bool:
+        """Continue from the newest complete checkpoint, if there is one."""
+        import orbax.checkpoint as ocp
+
+        step = self.manager.latest_step()
+        if step is None:
+            return False
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, (self.params, self.opt_state))
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract[0]), opt_state=ocp.args.StandardRestore(abstract[1])))
+        self.params, self.opt_state, self.step = restored["params"], restored["opt_state"], step
+        return True
+
+    # --------------------------------------------------------------- loops
+    def evaluate(self) -> dict:
+        if self.eval_rows is None:
+            return {}
+        losses = []
+        for i in range(0, len(self.eval_rows["input_ids"]), self.tc.batch_size):
+            batch = {k: jnp.asarray(v[i:i + self.tc.batch_size]) for k, v in self.eval_rows.items()}
+            losses.append(float(self._eval_loss(self.params, batch)))
+        loss = float(np.mean(losses))
+        return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
+
+    def train(self, stop_at: int | None = None, log=None) -> list[float]:
+        """Micro-steps up to max_steps x grad_accum (or `stop_at`); the loss of each."""
+        total = self.tc.max_steps * self.tc.grad_accum
+        end = min(total, stop_at) if stop_at is not None else total
+        key = jax.random.PRNGKey(self.tc.seed)
+        losses = []
+        while self.step < end:
+            self.params, self.opt_state, loss = self._train_step(
+                self.params, self.opt_state, self.batch_at(self.step), jax.random.fold_in(key, self.step))
+            self.step += 1
+            losses.append(float(loss))
+            if log is not None:
+                log({"step": self.step, "loss": losses[-1]})
+            if self.step % (self.tc.save_every * self.tc.grad_accum) == 0 or self.step == total:
+                self.save()
+        return losses
+
