@@ -61,7 +61,10 @@ class Trainer:
     """Trains `params` on packed rows; checkpoints under `<output_dir>/checkpoints/<step>`."""
 
     def __init__(self, model: FlaxMptForCausalLM, params, train_rows: dict, tc: TrainConfig,
-                 eval_rows: dict | None = None):
+                 eval_rows: dict | None = None, mesh=None, partition_rules=None):
+        """With `mesh`, params are sharded by `partition_rules` (default: the
+        config's FSDP rules) and batches over ("dp", "fsdp"); the same step
+        then runs on one CPU or a pod."""
         import orbax.checkpoint as ocp
 
         n = len(train_rows["input_ids"])
@@ -69,9 +72,16 @@ class Trainer:
             raise ValueError(f"{n} packed rows of training data is fewer than batch_size {tc.batch_size}")
         self.model, self.tc, self.rows, self.eval_rows = model, tc, train_rows, eval_rows
         self.optimizer = make_optimizer(tc)
+        self.mesh = mesh
+        if mesh is not None:
+            from easympt.sharding import shardings_for
+
+            rules = partition_rules if partition_rules is not None else model.config.get_partition_rules(fsdp=True)
+            params = jax.device_put(params, shardings_for(mesh, params, rules))
+            self.batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("dp", "fsdp")))
         # the step donates its inputs; the caller's arrays stay valid
         self.params = jax.tree_util.tree_map(jnp.copy, params)
-        self.opt_state = self.optimizer.init(params)
+        self.opt_state = jax.jit(self.optimizer.init)(self.params)
         self.step = 0
         os.makedirs(tc.output_dir, exist_ok=True)
         model.config.save_pretrained(tc.output_dir)
@@ -99,7 +109,12 @@ class Trainer:
         epoch, k = divmod(step, per_epoch)
         order = np.random.default_rng([self.tc.seed, epoch]).permutation(n)
         idx = order[k * b:(k + 1) * b]
-        return {key: jnp.asarray(v[idx]) for key, v in self.rows.items()}
+        return self._put({key: v[idx] for key, v in self.rows.items()})
+
+    def _put(self, batch: dict) -> dict:
+        if self.mesh is None:
+            return {k: jnp.asarray(v) for k, v in batch.items()}
+        return {k: jax.device_put(v, self.batch_sharding) for k, v in batch.items()}
 
     # ----------------------------------------------------------- checkpoints
     def save(self) -> None:
@@ -128,7 +143,11 @@ class Trainer:
             return {}
         losses = []
         for i in range(0, len(self.eval_rows["input_ids"]), self.tc.batch_size):
-            batch = {k: jnp.asarray(v[i:i + self.tc.batch_size]) for k, v in self.eval_rows.items()}
+            batch = {k: v[i:i + self.tc.batch_size] for k, v in self.eval_rows.items()}
+            if len(batch["input_ids"]) < self.tc.batch_size:  # pad the last batch with zero-weight rows
+                pad = self.tc.batch_size - len(batch["input_ids"])
+                batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+            batch = self._put(batch)
             losses.append(float(self._eval_loss(self.params, batch)))
         loss = float(np.mean(losses))
         return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
