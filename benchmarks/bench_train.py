@@ -1,0 +1,110 @@
+"""Training throughput: easympt's jitted step against a plain PyTorch loop over
+transformers' MptForCausalLM, same weights, batch, sequence length and optimizer.
+
+    python benchmarks/bench_train.py [--geometry mpt-125m] [--batch 4] [--seq-len 256] [--steps 4]
+
+Both sides run AdamW with global-norm clipping in float32 on random tokens;
+the peer runs in a child process with the same thread count. Prints a table
+and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+TORCH_CHILD = r"""
+import json, sys, time, torch
+from transformers import MptForCausalLM
+path, batch, seq, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.manual_seed(0)
+model = MptForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+model.train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+times, losses = [], []
+for i in range(steps + 1):
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - t0)
+    losses.append(float(out.loss))
+print("RESULT " + json.dumps({"step_s": sorted(times[1:])[len(times[1:]) // 2], "threads": torch.get_num_threads(),
+                              "loss0": losses[0]}))
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--geometry", default="mpt-125m")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--skip-torch", action="store_true")
+    args = ap.parse_args()
+
+    import jax
+
+    from easympt import FlaxMptForCausalLM, MptConfig
+    from easympt.training import TrainConfig, Trainer
+
+    config = MptConfig.preset(args.geometry, max_seq_len=max(args.seq_len, 2048))
+    model = FlaxMptForCausalLM(config, seed=0)
+    rng = np.random.default_rng(0)
+    n = args.batch * (args.steps + 1)
+    rows = {"input_ids": rng.integers(0, config.vocab_size, (n, args.seq_len)).astype(np.int32),
+            "sequence_id": np.zeros((n, args.seq_len), np.int32),
+            "loss_mask": np.ones((n, args.seq_len), np.float32),
+            "attention_mask": np.ones((n, args.seq_len), np.int32)}
+    tokens_per_step = args.batch * args.seq_len
+    with tempfile.TemporaryDirectory() as tmp:
+        tc = TrainConfig(output_dir=os.path.join(tmp, "run"), seq_len=args.seq_len, batch_size=args.batch,
+                         max_steps=args.steps + 1, save_every=10**9, learning_rate=1e-4, warmup_steps=1)
+        trainer = Trainer(model, model.params, rows, tc)
+        t0 = time.perf_counter()
+        trainer.train(stop_at=1)  # compile + first step
+        compile_s = time.perf_counter() - t0
+        times = []
+        for i in range(args.steps):
+            t0 = time.perf_counter()
+            trainer.train(stop_at=i + 2)
+            jax.block_until_ready(trainer.params)
+            times.append(time.perf_counter() - t0)
+        ours = {"step_s": float(np.median(times)), "compile_and_first_step_s": compile_s}
+        ours["tokens_per_s"] = tokens_per_step / ours["step_s"]
+        result = {"geometry": args.geometry, "batch": args.batch, "seq_len": args.seq_len,
+                  "backend": jax.default_backend(), "easympt": ours}
+        if not args.skip_torch:
+            from easympt.transform import mpt_to_pretrained
+
+            path = mpt_to_pretrained(model.params, config, os.path.join(tmp, "hf"))
+            r = subprocess.run([sys.executable, "-c", TORCH_CHILD, path, str(args.batch), str(args.seq_len),
+                                str(args.steps)], capture_output=True, text=True)
+            if r.returncode != 0:
+                print(r.stderr[-3000:], file=sys.stderr)
+                return 1
+            peer = json.loads(r.stdout.split("RESULT ", 1)[1])
+            peer["tokens_per_s"] = tokens_per_step / peer["step_s"]
+            result["transformers"] = peer
+            result["ratio_tokens_per_s"] = ours["tokens_per_s"] / peer["tokens_per_s"]
+    print(f"{'':28s}{'easympt':>10s}{'transformers':>14s}{'ratio':>8s}")
+    peer = result.get("transformers", {})
+    print(f"{'train tokens/s':28s}{ours['tokens_per_s']:10.1f}{peer.get('tokens_per_s', float('nan')):14.1f}"
+          f"{result.get('ratio_tokens_per_s', float('nan')):7.2f}x")
+    print(f"{'step s':28s}{ours['step_s']:10.2f}{peer.get('step_s', float('nan')):14.2f}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
