@@ -85,6 +85,7 @@ def cmd_train(args) -> int:
     from easympt.training.trainer import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    run_keys = ("model", "data", "eval_data", "export", "eval_fraction")  # settings outside TrainConfig
     settings = {}
     if args.config:
         import yaml
@@ -93,11 +94,11 @@ def cmd_train(args) -> int:
             settings = yaml.safe_load(fh) or {}
         if not isinstance(settings, dict):
             raise ValueError(f"{args.config}: expected a mapping of settings")
-    for key in ("model", "data", "eval_data", "export", "eval_fraction"):
+    for key in run_keys:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     settings.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
-    unknown = set(settings) - fields - {"model", "data", "eval_data", "export", "eval_fraction"}
+    unknown = set(settings) - fields - set(run_keys)
     if unknown:
         raise ValueError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
     for need in ("model", "data", "output_dir"):

@@ -16,7 +16,7 @@ def run(*args, timeout=600):
 
 
 def test_help_for_every_command():
-    for cmd in ("generate", "convert", "serve"):
+    for cmd in ("generate", "convert", "serve", "train"):
         r = run(cmd, "--help")
         assert r.returncode == 0 and "usage: easympt " + cmd in r.stdout
 

@@ -80,7 +80,7 @@ def run_training(model_source: str, data: str, tc: TrainConfig, eval_data: str |
             log_fh.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if record["step"] % (tc.save_every * tc.grad_accum) == 0 or record["step"] == total:
+            if trainer.is_save_step(record["step"]):
                 ev = trainer.evaluate()
                 if ev:
                     log_fh.write(json.dumps({"step": record["step"], **ev}) + "\n")

@@ -137,6 +137,11 @@ class Trainer:
         self.params, self.opt_state, self.step = restored["params"], restored["opt_state"], step
         return True
 
+    def is_save_step(self, step: int) -> bool:
+        """Checkpoints (and evaluations) fall every save_every optimizer steps and at the end."""
+        total = self.tc.max_steps * self.tc.grad_accum
+        return step % (self.tc.save_every * self.tc.grad_accum) == 0 or step == total
+
     # --------------------------------------------------------------- loops
     def evaluate(self) -> dict:
         if self.eval_rows is None:
@@ -165,7 +170,7 @@ class Trainer:
             losses.append(float(loss))
             if log is not None:
                 log({"step": self.step, "loss": losses[-1]})
-            if self.step % (self.tc.save_every * self.tc.grad_accum) == 0 or self.step == total:
+            if self.is_save_step(self.step):
                 self.save()
         return losses
 
