@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("warmup-steps", int), ("max-steps", int), ("weight-decay", float),
                       ("max-grad-norm", float), ("save-every", int), ("keep-last", int), ("seed", int)):
         p.add_argument("--" + flag, dest=flag.replace("-", "_"), type=typ, default=None)
+    p.add_argument("--remat", action="store_true", default=None,
+                   help="recompute activations in the backward pass (less memory for long sequences)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("convert", help="Hugging Face MPT checkpoint <-> easympt (orbax) checkpoint, or HF -> HF "

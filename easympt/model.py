@@ -37,8 +37,13 @@ class MptBlock(MptModule):
 
 
 class MptTransformer(MptModule):
-    """Embeddings, blocks and final norm: hidden states [B, T, E]."""
+    """Embeddings, blocks and final norm: hidden states [B, T, E].
 
+    `remat` recomputes each block's activations in the backward pass
+    (jax.checkpoint) instead of storing them: long sequences train in less
+    memory for about one more forward pass of compute."""
+
+    remat: bool = False
 
     def setup(self):
         c = self.config
@@ -48,7 +53,9 @@ class MptTransformer(MptModule):
         if c.uses_learned_pos_emb:
             self.wpe = nn.Embed(c.max_seq_len, c.d_model, embedding_init=emb_init, dtype=self.dtype,
                                 param_dtype=self.param_dtype)
-        self.blocks = [MptBlock(c, self.dtype, self.param_dtype, self.precision, self.mesh)
+        # argument 6 (self is 0) is `deterministic`, a Python bool
+        block = nn.remat(MptBlock, static_argnums=(6,)) if self.remat else MptBlock
+        self.blocks = [block(c, self.dtype, self.param_dtype, self.precision, self.mesh)
                        for _ in range(c.n_layers)]
         self.norm_f = make_norm(c, None, self.dtype, self.param_dtype)
         self.emb_drop = nn.Dropout(c.emb_pdrop)
@@ -110,10 +117,11 @@ class MptTransformer(MptModule):
 
 
 class MptForCausalLMModule(MptModule):
+    remat: bool = False
 
     def setup(self):
         c = self.config
-        self.transformer = MptTransformer(c, self.dtype, self.param_dtype, self.precision, self.mesh)
+        self.transformer = MptTransformer(c, self.dtype, self.param_dtype, self.precision, self.mesh, self.remat)
         if not c.tie_word_embeddings:
             kernel_init, _, _ = initializers(c)
             self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
@@ -158,12 +166,12 @@ class FlaxMptForCausalLM:
     and a jitted forward. `params` are the bare tree ({"transformer": ...})."""
 
     def __init__(self, config: MptConfig, dtype=None, param_dtype=jnp.float32, precision=None,
-                 _do_init: bool = True, input_shape=(1, 1), seed: int = 0, mesh=None):
+                 _do_init: bool = True, input_shape=(1, 1), seed: int = 0, mesh=None, remat: bool = False):
         self.config = config
         self.dtype = resolve_dtype(dtype) or default_compute_dtype()
         self.param_dtype = resolve_dtype(param_dtype)
         self.input_shape = tuple(input_shape)
-        self.module = MptForCausalLMModule(config, self.dtype, self.param_dtype, precision, mesh)
+        self.module = MptForCausalLMModule(config, self.dtype, self.param_dtype, precision, mesh, remat)
         self._forward = jax.jit(self._apply, static_argnames=("deterministic",))
         self.params = self.init_weights(jax.random.PRNGKey(seed), self.input_shape) if _do_init else None
 

@@ -137,3 +137,18 @@ def test_fsdp8_step_equals_one_device_step():
     assert rep["shard"][0] * 8 == rep["global"][0]  # Wqkv's input dim really is split over fsdp
     np.testing.assert_allclose(rep["loss_eight"], rep["loss_one"], rtol=1e-5)
     assert rep["max_param_diff"] < 1e-5
+
+
+def test_remat_gives_the_same_loss_and_gradients(tokenizer, tmp_path):
+    from easympt.training import lm_loss
+    model, rows, _ = _setup(tmp_path, tokenizer)
+    remat = FlaxMptForCausalLM(model.config, _do_init=False, remat=True)
+    batch = {k: v[:2] for k, v in rows.items()}
+    key = jax.random.PRNGKey(0)
+    la, ga = jax.value_and_grad(lambda p: lm_loss(model, p, batch, key, True))(model.params)
+    lb, gb = jax.value_and_grad(lambda p: lm_loss(remat, p, batch, key, True))(model.params)
+    assert abs(float(la) - float(lb)) < 1e-6
+    for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: lm_loss(remat, p, batch, key, True)))(model.params))
+    assert "remat" in jaxpr or "checkpoint" in jaxpr

@@ -68,7 +68,7 @@ def run_training(model_source: str, data: str, tc: TrainConfig, eval_data: str |
         eval_rows = pack(tokenize(read_examples(eval_data), tokenizer, tc.seq_len, eos), tc.seq_len)
     else:
         rows, eval_rows = split_rows(rows, eval_fraction, tc.seed)
-    model = FlaxMptForCausalLM(config, _do_init=False)
+    model = FlaxMptForCausalLM(config, _do_init=False, remat=tc.remat)
     trainer = Trainer(model, params, rows, tc, eval_rows)
     resumed = trainer.restore_latest()
     log_path = os.path.join(tc.output_dir, "metrics.jsonl")

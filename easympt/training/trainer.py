@@ -35,6 +35,7 @@ class TrainConfig:
     save_every: int = 50
     keep_last: int = 3
     seed: int = 0
+    remat: bool = False  # recompute block activations in the backward pass (long sequences)
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
