@@ -84,6 +84,7 @@ class Trainer:
         self.params = jax.tree_util.tree_map(jnp.copy, params)
         self.opt_state = jax.jit(self.optimizer.init)(self.params)
         self.step = 0
+        self._epoch_order: tuple[int, np.ndarray | None] = (-1, None)
         os.makedirs(tc.output_dir, exist_ok=True)
         model.config.save_pretrained(tc.output_dir)
         with open(os.path.join(tc.output_dir, "train_config.json"), "w", encoding="utf-8") as fh:
@@ -108,8 +109,9 @@ class Trainer:
         n, b = len(self.rows["input_ids"]), self.tc.batch_size
         per_epoch = n // b
         epoch, k = divmod(step, per_epoch)
-        order = np.random.default_rng([self.tc.seed, epoch]).permutation(n)
-        idx = order[k * b:(k + 1) * b]
+        if self._epoch_order[0] != epoch:  # one permutation per epoch, not per step
+            self._epoch_order = (epoch, np.random.default_rng([self.tc.seed, epoch]).permutation(n))
+        idx = self._epoch_order[1][k * b:(k + 1) * b]
         return self._put({key: v[idx] for key, v in self.rows.items()})
 
     def _put(self, batch: dict) -> dict:
