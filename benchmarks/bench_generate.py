@@ -77,10 +77,12 @@ def run_easympt(engine: GenerationEngine, prompts: np.ndarray, n_new: int) -> No
 def run_torch(model, prompts: np.ndarray, n_new: int) -> None:
     import torch
 
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
                        do_sample=False, pad_token_id=0)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def measure(run, prompts_1, prompts_8, prompts_long) -> dict:
@@ -94,16 +96,19 @@ def measure(run, prompts_1, prompts_8, prompts_long) -> dict:
     return out
 
 
-def measure_peer(path: str) -> int:
+def measure_peer(path: str, dtype: str) -> int:
+    """transformers on the GPU when JAX has one (in easympt's dtype), else on the CPU."""
     import torch
     from transformers import MptForCausalLM
 
     rng = np.random.default_rng(0)
-    model = MptForCausalLM.from_pretrained(path).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = MptForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     V = model.config.vocab_size
     p1, p8, plong = rng.integers(0, V, (1, PROMPT)), rng.integers(0, V, (8, PROMPT)), rng.integers(0, V, (1, LONG_PROMPT))
     out = measure(lambda p, n: run_torch(model, p, n), p1, p8, plong)
     out["torch_threads"] = torch.get_num_threads()
+    out["device"], out["dtype"] = device, dtype
     print(json.dumps(out))
     return 0
 
@@ -115,9 +120,10 @@ def main() -> int:
     ap.add_argument("--max-compile-tokens", type=int, default=64)
     ap.add_argument("--skip-torch", action="store_true", help="no peer (e.g. on a GPU box without torch CUDA)")
     ap.add_argument("--peer", metavar="CKPT", help=argparse.SUPPRESS)  # internal: measure transformers only
+    ap.add_argument("--peer-dtype", default="float32", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peer:
-        return measure_peer(args.peer)
+        return measure_peer(args.peer, args.peer_dtype)
 
     dtype = resolve_dtype(args.dtype)
     rng = np.random.default_rng(0)
@@ -155,8 +161,8 @@ def main() -> int:
             # the peer runs in a child process of this run, so JAX's thread pool cannot slow it down
             import subprocess
 
-            child = subprocess.run([sys.executable, __file__, "--peer", tmp], capture_output=True, text=True,
-                                   check=True)
+            child = subprocess.run([sys.executable, __file__, "--peer", tmp, "--peer-dtype", result["dtype"]],
+                                   capture_output=True, text=True, check=True)
             theirs = json.loads(child.stdout.strip().splitlines()[-1])
             result["transformers"] = theirs
             result["ratio_decode_b1"] = ours["decode_tok_s_b1"] / theirs["decode_tok_s_b1"]

@@ -4,7 +4,8 @@ transformers' MptForCausalLM, same weights, batch, sequence length and optimizer
     python benchmarks/bench_train.py [--geometry mpt-125m] [--batch 4] [--seq-len 256] [--steps 4]
 
 Both sides run AdamW with global-norm clipping in float32 on random tokens;
-the peer runs in a child process with the same thread count. Prints a table
+the peer runs in a child process with the same thread count. On a GPU both
+keep float32 weights and compute in bf16 (easympt's GPU default; torch autocast). Prints a table
 and one JSON line.
 """
 
@@ -21,22 +22,28 @@ import time
 import numpy as np
 
 TORCH_CHILD = r"""
-import json, sys, time, torch
+import contextlib, json, sys, time, torch
 from transformers import MptForCausalLM
-path, batch, seq, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+path, batch, seq, steps, gpu = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "gpu"
 torch.manual_seed(0)
-model = MptForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+device = "cuda" if gpu else "cpu"
+model = MptForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
 model.train()
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=gpu)
+ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+# on the GPU: float32 master weights with bf16 autocast, as easympt computes in bf16 there
+amp = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
 times, losses = [], []
 for i in range(steps + 1):
     t0 = time.perf_counter()
-    out = model(input_ids=ids, labels=ids)
+    with amp:
+        out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if gpu:
+        torch.cuda.synchronize()
     times.append(time.perf_counter() - t0)
     losses.append(float(out.loss))
 print("RESULT " + json.dumps({"step_s": sorted(times[1:])[len(times[1:]) // 2], "threads": torch.get_num_threads(),
@@ -69,7 +76,7 @@ def main() -> int:
     tokens_per_step = args.batch * args.seq_len
     with tempfile.TemporaryDirectory() as tmp:
         tc = TrainConfig(output_dir=os.path.join(tmp, "run"), seq_len=args.seq_len, batch_size=args.batch,
-                         max_steps=args.steps + 1, save_every=10**9, learning_rate=1e-4, warmup_steps=1)
+                         max_steps=args.steps + 2, save_every=10**9, learning_rate=1e-4, warmup_steps=1)
         trainer = Trainer(model, model.params, rows, tc)
         t0 = time.perf_counter()
         trainer.train(stop_at=1)  # compile + first step
@@ -89,7 +96,7 @@ def main() -> int:
 
             path = mpt_to_pretrained(model.params, config, os.path.join(tmp, "hf"))
             r = subprocess.run([sys.executable, "-c", TORCH_CHILD, path, str(args.batch), str(args.seq_len),
-                                str(args.steps)], capture_output=True, text=True)
+                                str(args.steps), jax.default_backend()], capture_output=True, text=True)
             if r.returncode != 0:
                 print(r.stderr[-3000:], file=sys.stderr)
                 return 1

@@ -10,8 +10,9 @@ import os
 DEMO_GEOMETRY = dict(d_model=128, n_heads=4, n_layers=4, max_seq_len=2048)
 
 
-def train_tokenizer(vocab_size: int = 512, files: list[str] | None = None):
-    """A PreTrainedTokenizerFast (byte-level BPE) trained on local files."""
+def train_tokenizer(vocab_size: int = 512, files: list[str] | None = None, chat_tokens: bool = False):
+    """A PreTrainedTokenizerFast (byte-level BPE) trained on local files. `chat_tokens` adds ChatML's
+    <|im_start|>/<|im_end|> as single ordinary tokens (so they decode as text and stop strings see them)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -24,6 +25,8 @@ def train_tokenizer(vocab_size: int = 512, files: list[str] | None = None):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train(files, trainer)
+    if chat_tokens:
+        tok.add_tokens(["<|im_start|>", "<|im_end|>"])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")
 

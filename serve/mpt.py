@@ -18,6 +18,11 @@ def chatml(messages: list[dict]) -> str:
     return "".join(out) + "<|im_start|>assistant\n"
 
 
+def dolly_instruct(system: str | None, instruction: str) -> str:
+    """mpt-7b-instruct's prompt (also what the bundled demo model was tuned on)."""
+    return f"{system or INSTRUCT_PREAMBLE}\n### Instruction:\n{instruction}\n### Response:\n"
+
+
 class MPTJaxServer(JAXServer):
     def _messages(self, history, prompt, system) -> list[dict]:
         msgs = [{"role": "system", "content": system}] if system else []
@@ -38,7 +43,7 @@ class MPTJaxServer(JAXServer):
         return self.format_messages(self._messages(history, prompt, system))
 
     def format_instruct(self, system, instruction) -> str:
-        return f"{system or INSTRUCT_PREAMBLE}\n### Instruction:\n{instruction}\n### Response:\n"
+        return dolly_instruct(system, instruction)
 
     def chat_stop_strings(self) -> tuple[str, ...]:
         return ("<|im_end|>", "<|im_start|>")

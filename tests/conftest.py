@@ -10,6 +10,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# exact-parity tests compute in float32; on a GPU, XLA would otherwise run float32 matmuls in TF32
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 BASE = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=64)
 

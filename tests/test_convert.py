@@ -28,7 +28,7 @@ def _leaves(params):
 ])
 def test_formats_and_dtypes(tmp_path, fmt, torch_dtype, n_shards):
     path = write_checkpoint(tmp_path / "c", CFG, SD, fmt=fmt, torch_dtype=torch_dtype, n_shards=n_shards)
-    params, config = mpt_from_pretrained(path, progress=False)
+    params, config = mpt_from_pretrained(path, dtype="fp32", progress=False)
     got = _leaves(params)
     assert got["transformer/blocks_0/attn/Wqkv/kernel"].shape == (64, 192)
     tol = {"float32": 0, "float16": 1e-3, "bfloat16": 1e-2}[torch_dtype]
@@ -93,7 +93,7 @@ def test_missing_weights_and_shards(tmp_path):
 
 def test_round_trip_hf_easympt_hf(tmp_path, tokens):
     src = make_hf_checkpoint(tmp_path / "src", tie_word_embeddings=False)
-    params, config = mpt_from_pretrained(src, progress=False)
+    params, config = mpt_from_pretrained(src, dtype="fp32", progress=False)
     out = mpt_to_pretrained(params, config, str(tmp_path / "out"), max_shard_size="40KB")
     assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
     from safetensors.numpy import load_file
@@ -140,8 +140,8 @@ def test_resolves_hub_id_from_local_cache(tmp_path, monkeypatch):
 
 
 def test_forward_after_conversion_is_deterministic(tmp_path, tokens):
-    params, config = mpt_from_pretrained(write_checkpoint(tmp_path / "c", CFG, SD), progress=False)
-    model = FlaxMptForCausalLM(config, _do_init=False)
+    params, config = mpt_from_pretrained(write_checkpoint(tmp_path / "c", CFG, SD), dtype="fp32", progress=False)
+    model = FlaxMptForCausalLM(config, dtype="fp32", _do_init=False)
     ids, mask = tokens
     a = model(ids, mask, params=params).logits
     b = model(ids, mask, params={"params": params}).logits  # the wrapped form is accepted too

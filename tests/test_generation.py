@@ -21,8 +21,8 @@ def gen(lm_checkpoint):
 
 
 def _uncached_vs_cached(path, total, batch_prompt_lens, cache_len):
-    params, config = mpt_from_pretrained(path, progress=False)
-    model = FlaxMptForCausalLM(config, _do_init=False)
+    params, config = mpt_from_pretrained(path, dtype="fp32", progress=False)
+    model = FlaxMptForCausalLM(config, dtype="fp32", _do_init=False)
     rng = np.random.default_rng(0)
     B, P = len(batch_prompt_lens), max(batch_prompt_lens)
     ids = rng.integers(0, config.vocab_size, (B, total))
@@ -83,7 +83,7 @@ def _hf_greedy(path, tokenizer, prompts, n):
 
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "left-padded-batch3"])
 def test_greedy_equals_transformers_generate(lm_checkpoint, tokenizer, prompts):
-    g = Generator.from_pretrained(lm_checkpoint, max_length=128, max_compile_tokens=16, progress=False)
+    g = Generator.from_pretrained(lm_checkpoint, max_length=128, max_compile_tokens=16, dtype="fp32", progress=False)
     g.eos_ids = ()  # compare 48 tokens even if the random model says EOS
     ours = g.generate(prompts, max_new_tokens=48, temperature=0)
     ref = _hf_greedy(lm_checkpoint, tokenizer, prompts, 48)

@@ -14,8 +14,8 @@ from easympt.transform import mpt_from_pretrained
 
 
 def _easympt_logits(path, ids, mask=None, **kw):
-    params, config = mpt_from_pretrained(str(path), progress=False)
-    return np.asarray(FlaxMptForCausalLM(config, _do_init=False)(ids, mask, params=params, **kw).logits)
+    params, config = mpt_from_pretrained(str(path), dtype="fp32", progress=False)
+    return np.asarray(FlaxMptForCausalLM(config, dtype="fp32", _do_init=False)(ids, mask, params=params, **kw).logits)
 
 
 def test_reference_matches_transformers(tmp_path, tokens):

@@ -15,7 +15,7 @@ TEXT = "\n\n".join(f"def f{i}(x):\n    return x * {i} + {i % 3}" for i in range(
 def _setup(tmp_path, tokenizer, **tc):
     cfg = MptConfig.preset("tiny", vocab_size=len(tokenizer), max_seq_len=64,
                            attn_config={"attn_uses_sequence_id": True})
-    model = FlaxMptForCausalLM(cfg, seed=0)
+    model = FlaxMptForCausalLM(cfg, dtype="fp32", seed=0)
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "data.txt").write_text(TEXT)
     rows = pack(tokenize(read_examples(str(tmp_path / "data.txt")), tokenizer, 64, tokenizer.eos_token_id), 64)
@@ -113,10 +113,10 @@ def test_cli_train_resume_and_export(tmp_path, lm_checkpoint, tokens):
     log = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [x["step"] for x in log if "loss" in x] == [1, 2, 3, 4] and any("eval_loss" in x for x in log)
     assert os.path.getsize(tmp_path / "run" / "loss.png") > 1000
-    params, config = load_params(str(tmp_path / "run" / "checkpoints" / "4"))
+    params, config = load_params(str(tmp_path / "run" / "checkpoints" / "4"), dtype="fp32")
     ids, mask = tokens
     ids = ids % config.vocab_size
-    got = np.asarray(FlaxMptForCausalLM(config, _do_init=False)(ids, mask, params=params).logits)
+    got = np.asarray(FlaxMptForCausalLM(config, dtype="fp32", _do_init=False)(ids, mask, params=params).logits)
     assert_logits_close(got, hf_logits(str(tmp_path / "hf"), ids, mask), mask=mask)
     r = subprocess.run(cmd[:5] + ["--data", str(tmp_path / "missing.txt"), "--output-dir", str(tmp_path / "x")],
                        capture_output=True, text=True, timeout=600)
@@ -142,7 +142,7 @@ def test_fsdp8_step_equals_one_device_step():
 def test_remat_gives_the_same_loss_and_gradients(tokenizer, tmp_path):
     from easympt.training import lm_loss
     model, rows, _ = _setup(tmp_path, tokenizer)
-    remat = FlaxMptForCausalLM(model.config, _do_init=False, remat=True)
+    remat = FlaxMptForCausalLM(model.config, dtype="fp32", _do_init=False, remat=True)
     batch = {k: v[:2] for k, v in rows.items()}
     key = jax.random.PRNGKey(0)
     la, ga = jax.value_and_grad(lambda p: lm_loss(model, p, batch, key, True))(model.params)
