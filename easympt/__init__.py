@@ -3,11 +3,14 @@
 from easympt.cache import KVCache
 from easympt.config import AttnConfig, ConfigError, FfnConfig, MptConfig
 from easympt.dtypes import default_compute_dtype
+from easympt.heads import (FlaxMptForQuestionAnswering, FlaxMptForSequenceClassification,
+                           FlaxMptForTokenClassification)
 from easympt.model import FlaxMptForCausalLM, FlaxMptOutput, MptForCausalLMModule
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttnConfig", "ConfigError", "FfnConfig", "FlaxMptForCausalLM", "FlaxMptOutput", "KVCache",
+    "AttnConfig", "ConfigError", "FfnConfig", "FlaxMptForCausalLM", "FlaxMptForQuestionAnswering",
+    "FlaxMptForSequenceClassification", "FlaxMptForTokenClassification", "FlaxMptOutput", "KVCache",
     "MptConfig", "MptForCausalLMModule", "default_compute_dtype", "__version__",
 ]

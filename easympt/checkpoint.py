@@ -21,7 +21,8 @@ import numpy as np
 
 from easympt.config import MptConfig
 from easympt.dtypes import default_compute_dtype, resolve_dtype
-from easympt.model import FlaxMptForCausalLM, unwrap_params
+from easympt.heads import model_class_for
+from easympt.model import unwrap_params
 from easympt.sharding import shardings_for
 
 PARAMS_ITEM = "params"
@@ -83,7 +84,7 @@ def load_params(path: str, dtype=None, device=None, mesh=None, partition_rules=N
         raise FileNotFoundError(f"{path}: not an easympt checkpoint (needs {PARAMS_ITEM}/ and {CONFIG_FILE})")
     config = MptConfig.from_pretrained(config_dir_of(path))
     dtype = np.dtype(resolve_dtype(dtype) or default_compute_dtype())
-    shapes = FlaxMptForCausalLM(config, _do_init=False).params_shape()
+    shapes = model_class_for(config)(config, _do_init=False).params_shape()
     if mesh is not None:
         rules = partition_rules if partition_rules is not None else config.get_partition_rules(fsdp=True)
         shardings = shardings_for(mesh, shapes, rules)

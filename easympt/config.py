@@ -36,7 +36,11 @@ _HF_BOOKKEEPING = frozenset({
     "tie_encoder_decoder", "is_decoder", "add_cross_attention", "torchscript", "pruned_heads",
     "finetuning_task", "prefix", "task_specific_params", "sep_token_id", "decoder_start_token_id",
     "cross_attention_hidden_size", "tf_legacy_loss", "use_bfloat16", "_commit_hash",
+    "classifier_dropout", "hidden_dropout",  # read by the token-classification head
 })
+
+
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
 class ConfigError(ValueError):
@@ -169,6 +173,8 @@ class MptConfig:
     # --------------------------------------------------------------- validation
     def _validate(self) -> None:
         s, a, f = self.source, self.attn_config, self.ffn_config
+        if self.extra.get("problem_type") not in (None, *PROBLEM_TYPES):
+            _fail(s, f"problem_type {self.extra['problem_type']!r} is not one of {', '.join(PROBLEM_TYPES)}")
         for name in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -217,6 +223,44 @@ class MptConfig:
             name = self.init_config.get("name", "kaiming_normal_")
             if name not in INIT_NAMES:
                 _fail(s, f"init_config.name {name!r} is not one of {', '.join(INIT_NAMES)}")
+
+    # -------------------------------------------------------------- task heads
+    @property
+    def architecture(self) -> str:
+        """The transformers class this checkpoint was saved from (MptForCausalLM unless it says otherwise)."""
+        return (self.extra.get("architectures") or ["MptForCausalLM"])[0]
+
+    @property
+    def num_labels(self) -> int:
+        """As transformers derives it: the size of id2label, 2 by default."""
+        return len(self.extra.get("id2label") or {}) or int(self.extra.get("num_labels", 2))
+
+    @property
+    def problem_type(self) -> str | None:
+        return self.extra.get("problem_type")
+
+    @property
+    def classifier_dropout(self) -> float:
+        """transformers' rule for MptForTokenClassification: classifier_dropout, else hidden_dropout, else 0.1."""
+        for key in ("classifier_dropout", "hidden_dropout"):
+            if self.extra.get(key) is not None:
+                return float(self.extra[key])
+        return 0.1
+
+    def for_task(self, architecture: str, num_labels: int | None = None, problem_type: str | None = None,
+                 id2label: dict | None = None) -> MptConfig:
+        """This geometry with a task head: the config a fine-tuned classifier is saved with."""
+        extra = {**self.extra, "architectures": [architecture]}
+        if id2label is None and num_labels is not None:
+            id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+        if id2label is not None:
+            extra["id2label"] = {str(k): v for k, v in id2label.items()}
+            extra["label2id"] = {v: int(k) for k, v in id2label.items()}
+        if problem_type is not None:
+            if problem_type not in PROBLEM_TYPES:
+                raise ConfigError(f"problem_type {problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
+            extra["problem_type"] = problem_type
+        return dataclasses.replace(self, extra=extra)
 
     # ------------------------------------------------------------------ presets
     @classmethod

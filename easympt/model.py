@@ -7,11 +7,11 @@ converter's name map is one short table.
 
 from __future__ import annotations
 
-
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 
 from easympt.cache import KVCache, write_rows
 from easympt.config import MptConfig
@@ -116,17 +116,26 @@ class MptTransformer(MptModule):
         return self.wte.attend(x)
 
 
-class MptForCausalLMModule(MptModule):
+class MptTaskModule(MptModule):
+    """A module on the MPT trunk (`transformer`): the causal LM and the task heads."""
+
     remat: bool = False
 
+    def make_trunk(self) -> MptTransformer:
+        return MptTransformer(self.config, self.dtype, self.param_dtype, self.precision, self.mesh, self.remat)
+
+    def dense(self, features: int, use_bias: bool) -> nn.Dense:
+        kernel_init, _, _ = initializers(self.config)
+        return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                        precision=self.precision, kernel_init=kernel_init)
+
+
+class MptForCausalLMModule(MptTaskModule):
+
     def setup(self):
-        c = self.config
-        self.transformer = MptTransformer(c, self.dtype, self.param_dtype, self.precision, self.mesh, self.remat)
-        if not c.tie_word_embeddings:
-            kernel_init, _, _ = initializers(c)
-            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
-                                    param_dtype=self.param_dtype, precision=self.precision,
-                                    kernel_init=kernel_init)
+        self.transformer = self.make_trunk()
+        if not self.config.tie_word_embeddings:
+            self.lm_head = self.dense(self.config.vocab_size, use_bias=False)
 
     def __call__(self, input_ids, attention_mask=None, cache=None, prefix_mask=None, sequence_id=None,
                  deterministic=True, logits_slice=None):
@@ -161,9 +170,14 @@ def unwrap_params(params):
     return params
 
 
-class FlaxMptForCausalLM:
-    """transformers-Flax-style wrapper: holds the module, (optionally) params,
-    and a jitted forward. `params` are the bare tree ({"transformer": ...})."""
+class FlaxMptPreTrainedModel:
+    """transformers-Flax-style wrapper: holds the module, (optionally) params
+    and a jitted forward. `params` are the bare tree ({"transformer": ...}).
+    Subclasses name their module, the HF architecture they load and save, and
+    their training loss."""
+
+    module_class: type = MptTaskModule
+    architecture: str = ""
 
     def __init__(self, config: MptConfig, dtype=None, param_dtype=jnp.float32, precision=None,
                  _do_init: bool = True, input_shape=(1, 1), seed: int = 0, mesh=None, remat: bool = False):
@@ -171,7 +185,7 @@ class FlaxMptForCausalLM:
         self.dtype = resolve_dtype(dtype) or default_compute_dtype()
         self.param_dtype = resolve_dtype(param_dtype)
         self.input_shape = tuple(input_shape)
-        self.module = MptForCausalLMModule(config, self.dtype, self.param_dtype, precision, mesh, remat)
+        self.module = self.module_class(config, self.dtype, self.param_dtype, precision, mesh, remat)
         self._forward = jax.jit(self._apply, static_argnames=("deterministic",))
         self.params = self.init_weights(jax.random.PRNGKey(seed), self.input_shape) if _do_init else None
 
@@ -184,13 +198,38 @@ class FlaxMptForCausalLM:
         return self._init(rng, ids)
 
     def _init(self, rng, ids):
-        extra = {"prefix_mask": jnp.ones_like(ids)} if self.config.attn_config.prefix_lm else {}
-        return self.module.init({"params": rng}, ids, **extra)["params"]
+        return self.module.init({"params": rng}, ids)["params"]
 
     def params_shape(self):
         """ShapeDtypeStruct tree of the parameters, without allocating them."""
         ids = jnp.zeros((1, 1), jnp.int32)
         return jax.eval_shape(self._init, jax.random.PRNGKey(0), ids)
+
+    def _checked(self, params, input_ids, attention_mask):
+        params = unwrap_params(self.params if params is None else params)
+        if params is None:
+            raise ValueError("no params: pass params=... (the model was built with _do_init=False)")
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+        if attention_mask is not None:
+            attention_mask = jnp.asarray(attention_mask)
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+        return params, input_ids, attention_mask
+
+    def loss(self, params, batch: dict, rng, deterministic: bool):
+        """Mean training loss of a batch of rows (the trainer differentiates this)."""
+        raise NotImplementedError
+
+
+class FlaxMptForCausalLM(FlaxMptPreTrainedModel):
+    module_class = MptForCausalLMModule
+    architecture = "MptForCausalLM"
+
+    def _init(self, rng, ids):
+        extra = {"prefix_mask": jnp.ones_like(ids)} if self.config.attn_config.prefix_lm else {}
+        return self.module.init({"params": rng}, ids, **extra)["params"]
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         return KVCache.zeros(self.config, batch_size, max_length, dtype or self.dtype)
@@ -204,17 +243,19 @@ class FlaxMptForCausalLM:
 
     def __call__(self, input_ids, attention_mask=None, params=None, cache: KVCache | None = None,
                  prefix_mask=None, sequence_id=None, train: bool = False, dropout_rng=None) -> FlaxMptOutput:
-        params = unwrap_params(self.params if params is None else params)
-        if params is None:
-            raise ValueError("no params: pass params=... (the model was built with _do_init=False)")
-        input_ids = jnp.asarray(input_ids, jnp.int32)
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-        if attention_mask is not None:
-            attention_mask = jnp.asarray(attention_mask)
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+        params, input_ids, attention_mask = self._checked(params, input_ids, attention_mask)
         if train and dropout_rng is None:
             dropout_rng = jax.random.PRNGKey(0)
         return self._forward(params, input_ids, attention_mask, cache, prefix_mask, sequence_id,
                              dropout_rng if train else None, deterministic=not train)
+
+    def loss(self, params, batch: dict, rng, deterministic: bool):
+        """Mean next-token cross-entropy over positions whose target has loss_mask 1
+        (rows: input_ids, attention_mask, loss_mask, sequence_id)."""
+        seq = batch["sequence_id"] if self.config.attn_config.attn_uses_sequence_id else None
+        logits, _ = self.module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], None, None,
+                                      seq, deterministic, rngs={"dropout": rng})
+        targets = batch["input_ids"][:, 1:]
+        weights = batch["loss_mask"][:, 1:]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), targets)
+        return (ce * weights).sum() / jnp.maximum(weights.sum(), 1.0)

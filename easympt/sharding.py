@@ -82,6 +82,9 @@ def mpt_partition_rules(fsdp: bool = True) -> tuple[tuple[str, P], ...]:
         (r"(norm_1|norm_2|norm_f)/(scale|bias)$", P(None)),
         (r"lm_head/kernel$", P(f, "tp")),
         (r"lm_head/bias$", P("tp")),
+        # task heads: a handful of outputs, so only the input dimension is sharded
+        (r"^(score|classifier|qa_outputs)/kernel$", P(f, None)),
+        (r"^(classifier|qa_outputs)/bias$", P(None)),
     )
 
 

@@ -113,15 +113,15 @@ def write_checkpoint(path, cfg: dict, sd: dict, fmt: str = "safetensors", torch_
     return str(path)
 
 
-def make_hf_checkpoint(path, seed: int = 0, **config_kwargs) -> str:
-    """A checkpoint written by transformers' own MptForCausalLM.save_pretrained,
+def make_hf_checkpoint(path, seed: int = 0, architecture: str = "MptForCausalLM", **config_kwargs) -> str:
+    """A checkpoint written by transformers' own save_pretrained (MptForCausalLM or a task-head class),
     with LayerNorm weights perturbed away from ones."""
     import torch
-    from transformers import MptConfig as HFMptConfig, MptForCausalLM
+    import transformers
 
     torch.manual_seed(seed)
     kw = {**BASE, **config_kwargs}
-    model = MptForCausalLM(HFMptConfig(**kw)).eval()
+    model = getattr(transformers, architecture)(transformers.MptConfig(**kw)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

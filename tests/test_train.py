@@ -57,7 +57,6 @@ def test_packing_and_prompt_masking(tokenizer, tmp_path):
 
 def test_prompt_tokens_contribute_no_loss(tmp_path, tokenizer):
     """The loss is the mean cross-entropy over unmasked targets only, computed here by hand."""
-    from easympt.training import lm_loss
     model, rows, _ = _setup(tmp_path, tokenizer)
     batch = {k: v[:1] for k, v in rows.items()}
     batch["loss_mask"] = batch["loss_mask"].copy()
@@ -69,7 +68,7 @@ def test_prompt_tokens_contribute_no_loss(tmp_path, tokenizer):
     ce = -np.take_along_axis(logp[0, :-1], batch["input_ids"][0, 1:, None], -1)[:, 0]
     w = batch["loss_mask"][0, 1:]
     expected = (ce * w).sum() / w.sum()
-    got = float(lm_loss(model, model.params, batch, jax.random.PRNGKey(0), True))
+    got = float(model.loss(model.params, batch, jax.random.PRNGKey(0), True))
     assert abs(got - expected) < 1e-4 * expected
     assert abs(got - ce[w > 0].mean()) < 1e-4 * expected and abs(ce.mean() - expected) > 1e-3
 
@@ -140,15 +139,14 @@ def test_fsdp8_step_equals_one_device_step():
 
 
 def test_remat_gives_the_same_loss_and_gradients(tokenizer, tmp_path):
-    from easympt.training import lm_loss
     model, rows, _ = _setup(tmp_path, tokenizer)
     remat = FlaxMptForCausalLM(model.config, dtype="fp32", _do_init=False, remat=True)
     batch = {k: v[:2] for k, v in rows.items()}
     key = jax.random.PRNGKey(0)
-    la, ga = jax.value_and_grad(lambda p: lm_loss(model, p, batch, key, True))(model.params)
-    lb, gb = jax.value_and_grad(lambda p: lm_loss(remat, p, batch, key, True))(model.params)
+    la, ga = jax.value_and_grad(lambda p: model.loss(p, batch, key, True))(model.params)
+    lb, gb = jax.value_and_grad(lambda p: remat.loss(p, batch, key, True))(model.params)
     assert abs(float(la) - float(lb)) < 1e-6
     for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: lm_loss(remat, p, batch, key, True)))(model.params))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: remat.loss(p, batch, key, True)))(model.params))
     assert "remat" in jaxpr or "checkpoint" in jaxpr

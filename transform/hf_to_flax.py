@@ -23,7 +23,7 @@ import numpy as np
 
 from easympt.config import MptConfig
 from easympt.dtypes import default_compute_dtype, resolve_dtype
-from easympt.model import FlaxMptForCausalLM
+from easympt.heads import model_class_for
 from easympt.sharding import named_sharding, spec_for
 from easympt.transform.names import TIED_ALIASES, hf_to_flax_name
 
@@ -349,6 +349,9 @@ def mpt_from_pretrained(source: str, device=None, dtype=None, mesh=None, partiti
                         progress: bool = True):
     """(params, config) from a Hugging Face MPT checkpoint.
 
+    The params fit the class config.json's `architectures` names: the causal
+    LM, or a task head (easympt.heads.model_class_for picks the wrapper).
+
     dtype: parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU).
     device: put every array there (default: jax's default device).
     mesh: shard every array by `partition_rules` (default: the config's FSDP
@@ -358,7 +361,7 @@ def mpt_from_pretrained(source: str, device=None, dtype=None, mesh=None, partiti
     config = MptConfig.from_pretrained(ckpt_dir)
     dtype = np.dtype(resolve_dtype(dtype) or default_compute_dtype())
     files = weight_files(ckpt_dir)
-    expected = _flat_shapes(FlaxMptForCausalLM(config, _do_init=False).params_shape())
+    expected = _flat_shapes(model_class_for(config)(config, _do_init=False).params_shape())
     plan = check_tensors(open_checkpoint(files), expected, config, where=ckpt_dir)
     rules = None
     if mesh is not None:

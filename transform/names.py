@@ -26,6 +26,9 @@ _TABLE = (
      False),
     # transformers keeps the LM head at the top; llm-foundry inside `transformer`.
     (r"(?:transformer\.)?lm_head\.weight", "lm_head/kernel", True),
+    # task heads (MptForSequenceClassification / TokenClassification / QuestionAnswering)
+    (r"(score|classifier|qa_outputs)\.weight", "{0}/kernel", True),
+    (r"(classifier|qa_outputs)\.bias", "{0}/bias", False),
 )
 _COMPILED = tuple((re.compile(p + r"\Z"), t, tr) for p, t, tr in _TABLE)
 

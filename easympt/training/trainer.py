@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from easympt.model import FlaxMptForCausalLM
+from easympt.model import FlaxMptPreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -46,22 +46,10 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     return optax.MultiSteps(opt, tc.grad_accum) if tc.grad_accum > 1 else opt
 
 
-def lm_loss(model: FlaxMptForCausalLM, params, batch, rng, deterministic: bool):
-    """Mean next-token cross-entropy over positions whose target has loss_mask 1."""
-    c = model.config
-    seq = batch["sequence_id"] if c.attn_config.attn_uses_sequence_id else None
-    logits, _ = model.module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], None, None,
-                                   seq, deterministic, rngs={"dropout": rng})
-    targets = batch["input_ids"][:, 1:]
-    weights = batch["loss_mask"][:, 1:]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), targets)
-    return (ce * weights).sum() / jnp.maximum(weights.sum(), 1.0)
-
-
 class Trainer:
     """Trains `params` on packed rows; checkpoints under `<output_dir>/checkpoints/<step>`."""
 
-    def __init__(self, model: FlaxMptForCausalLM, params, train_rows: dict, tc: TrainConfig,
+    def __init__(self, model: FlaxMptPreTrainedModel, params, train_rows: dict, tc: TrainConfig,
                  eval_rows: dict | None = None, mesh=None, partition_rules=None):
         """With `mesh`, params are sharded by `partition_rules` (default: the
         config's FSDP rules) and batches over ("dp", "fsdp"); the same step
@@ -96,12 +84,12 @@ class Trainer:
                              or model.config.emb_pdrop)
 
         def train_step(params, opt_state, batch, rng):
-            loss, grads = jax.value_and_grad(lambda p: lm_loss(model, p, batch, rng, deterministic))(params)
+            loss, grads = jax.value_and_grad(lambda p: model.loss(p, batch, rng, deterministic))(params)
             updates, opt_state = self.optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss
 
         self._train_step = jax.jit(train_step, donate_argnums=(0, 1))
-        self._eval_loss = jax.jit(lambda p, b: lm_loss(model, p, b, jax.random.PRNGKey(0), True))
+        self._eval_loss = jax.jit(lambda p, b: model.loss(p, b, jax.random.PRNGKey(0), True))
 
     # ------------------------------------------------------------------ data
     def batch_at(self, step: int) -> dict:
