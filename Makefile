@@ -5,6 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= -n 2 --timeout 600
+SERVE_ARGS  ?=
 
 .PHONY: install test serve bench clean
 
@@ -21,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 serve: $(STAMP)
-	$(VENV)/bin/easympt serve
+	$(VENV)/bin/easympt serve $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -5,4 +5,5 @@ from setuptools import setup
 setup(
     packages=["easympt", "easympt.generation", "easympt.training", "easympt.transform", "easympt.serve"],
     package_dir={"easympt": "easympt", "easympt.transform": "transform", "easympt.serve": "serve"},
+    package_data={"easympt": ["demo_model/*"]},  # the bundled demo model (HF format)
 )

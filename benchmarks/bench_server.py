@@ -107,10 +107,10 @@ def main() -> int:
     ap.add_argument("--soak", type=int, default=1000, help="soak requests (0 to skip)")
     args = ap.parse_args()
 
-    from easympt.demo import random_demo_checkpoint
+    from easympt.demo import demo_checkpoint
     from easympt.serve import MPTJaxServer
 
-    model = args.model or random_demo_checkpoint()
+    model = args.model or demo_checkpoint()
     server = MPTJaxServer.from_pretrained(model, config={"port": 0, "batch_size": 16, "max_length": 512,
                                                          "max_new_tokens": args.max_tokens,
                                                          "max_compile_tokens": 16, "max_queue": 256})

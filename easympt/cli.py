@@ -27,10 +27,18 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args) -> int:
     from easympt.generation import Generator
 
-    gen = Generator.from_pretrained(args.model, dtype=args.dtype, max_length=args.max_length,
+    if len(args.model_prompt) > 2:
+        raise ValueError("expected MODEL PROMPT or just PROMPT (quote a prompt that has spaces)")
+    if len(args.model_prompt) == 1:
+        from easympt.demo import demo_checkpoint
+
+        model, prompt = demo_checkpoint(), args.model_prompt[0]
+    else:
+        model, prompt = args.model_prompt
+    gen = Generator.from_pretrained(model, dtype=args.dtype, max_length=args.max_length,
                                     max_compile_tokens=args.max_compile_tokens)
     reason = None
-    for chunk in gen.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    for chunk in gen.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop)):
         sys.stdout.write(chunk.text)
@@ -122,10 +130,10 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     source = args.model
     if source is None:
-        from easympt.demo import random_demo_checkpoint
+        from easympt.demo import demo_checkpoint
 
-        source = random_demo_checkpoint()
-        print(f"no MODEL given: serving the offline demo checkpoint at {source}", file=sys.stderr)
+        source = demo_checkpoint()
+        print(f"no MODEL given: serving the bundled demo model at {source}", file=sys.stderr)
     overrides = {"host": args.host, "port": args.port, "max_length": args.max_length,
                  "max_compile_tokens": args.max_compile_tokens, "batch_size": args.batch_size,
                  "pre_compile": not args.no_precompile}
@@ -153,20 +161,37 @@ def cmd_serve(args) -> int:
     return 0
 
 
+BENCHMARKS = {"generate": "bench_generate.py", "server": "bench_server.py", "train": "bench_train.py",
+              "convert-memory": "convert_memory.py", "profile-decode": "profile_decode.py"}
+
+
+def cmd_bench(args) -> int:
+    """Run a script of the source checkout's benchmarks/ (they are not installed with the package)."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", BENCHMARKS[args.which])
+    if not os.path.isfile(script):
+        raise FileNotFoundError(f"{script}: benchmarks ship with the source repository, not the installed package")
+    return subprocess.call([sys.executable, script, *args.rest])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="easympt", description="MosaicML MPT in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("generate", help="stream a completion to the terminal")
-    p.add_argument("model", help="checkpoint directory or Hugging Face hub id")
-    p.add_argument("prompt")
+    p = sub.add_parser("generate", help="stream a completion to the terminal",
+                       usage="easympt generate [-h] [options] [MODEL] PROMPT")
+    p.add_argument("model_prompt", nargs="+", metavar="[MODEL] PROMPT",
+                   help="checkpoint directory or hub id (default: the bundled demo model), then the prompt")
     _add_model(p)
     _add_sampling(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="serve a model over REST, the OpenAI API and Gradio")
     p.add_argument("model", nargs="?", default=None,
-                   help="checkpoint directory or hub id (default: the offline demo checkpoint)")
+                   help="checkpoint directory or hub id (default: the bundled demo model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=2059)
     p.add_argument("--batch-size", type=int, default=8, help="decode slots")
@@ -206,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 for the written tensors")
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("bench", help="run a benchmark against transformers (from a source checkout)")
+    p.add_argument("which", choices=sorted(BENCHMARKS))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see its --help)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,13 +1,13 @@
-"""A stand-in model for offline use: random MPT weights and a byte-level BPE
-trained on easympt's own source. It exercises the whole stack (conversion,
-engine, server, UIs) without a download; its text is noise, not language."""
+"""The bundled demo model and the byte-level BPE trainer it (and the tests) use.
+
+The demo model is a small ALiBi MPT trained by scripts/train_demo_model.py on
+the Python standard library's source, shipped in Hugging Face format inside
+the package, so everything runs offline out of the box."""
 
 from __future__ import annotations
 
 import glob
 import os
-
-DEMO_GEOMETRY = dict(d_model=128, n_heads=4, n_layers=4, max_seq_len=2048)
 
 
 def train_tokenizer(vocab_size: int = 512, files: list[str] | None = None, chat_tokens: bool = False):
@@ -31,21 +31,12 @@ def train_tokenizer(vocab_size: int = 512, files: list[str] | None = None, chat_
                                    pad_token="<|endoftext|>")
 
 
-def random_demo_checkpoint(path: str | None = None, seed: int = 0) -> str:
-    """Write (once) a Hugging Face-format random MPT + tokenizer; returns its directory."""
-    import jax
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
 
-    from easympt.config import MptConfig
-    from easympt.model import FlaxMptForCausalLM
-    from easympt.transform import mpt_to_pretrained
 
-    path = path or os.path.join(os.path.expanduser(os.environ.get("EASYMPT_CACHE", "~/.cache/easympt")),
-                                "random-demo")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    tokenizer = train_tokenizer()
-    config = MptConfig.preset("tiny", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                              **DEMO_GEOMETRY)
-    model = FlaxMptForCausalLM(config, _do_init=False)
-    params = model.init_weights(jax.random.PRNGKey(seed), (1, 1))
-    return mpt_to_pretrained(params, config, path, tokenizer=tokenizer)
+def demo_checkpoint() -> str:
+    """The bundled demo model (package data): what serve, generate and `make serve` use when no model is named."""
+    if not os.path.isfile(os.path.join(DEMO_DIR, "config.json")):
+        raise FileNotFoundError(f"{DEMO_DIR}: the bundled demo model is missing; rebuild it with "
+                                "`python scripts/train_demo_model.py`")
+    return DEMO_DIR

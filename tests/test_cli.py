@@ -16,9 +16,22 @@ def run(*args, timeout=600):
 
 
 def test_help_for_every_command():
-    for cmd in ("generate", "convert", "serve", "train"):
+    for cmd in ("generate", "convert", "serve", "train", "bench"):
         r = run(cmd, "--help")
         assert r.returncode == 0 and "usage: easympt " + cmd in r.stdout
+
+
+def test_bench_runs_the_checkout_benchmark_scripts():
+    r = run("bench", "train", "--help")
+    assert r.returncode == 0 and "--seq-len" in r.stdout
+    assert run("bench", "nope").returncode == 2
+
+
+def test_generate_without_model_uses_the_demo_model():
+    r = run("generate", "def read_lines(path):", "--max-new-tokens", "8", "--max-length", "64",
+            "--max-compile-tokens", "8", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def read_lines(path):") or r.stdout.strip()
 
 
 def test_generate_streams_text(lm_checkpoint):
