@@ -51,6 +51,34 @@ print("RESULT " + json.dumps({"step_s": sorted(times[1:])[len(times[1:]) // 2], 
 """
 
 
+def step_flops(config, batch: int, seq: int) -> float:
+    """Matmul FLOPs of one training step: 3x the forward (weights, LM head, QK^T and PV over the full square)."""
+    d, L = config.d_model, config.n_layers
+    kv = config.kv_heads * config.head_dim
+    per_layer = d * (d + 2 * kv) + d * d + (3 if config.ffn_config.ffn_type == "mptglu" else 2) * d * config.ffn_hidden_size
+    tokens = batch * seq
+    forward = 2 * tokens * (L * per_layer + config.vocab_size * d) + 4 * batch * L * seq * seq * d
+    return 3.0 * forward
+
+
+def matmul_peak_flops(n: int = 2048) -> float:
+    """Best GEMM rate JAX reaches here in the compute dtype (float32 on CPU, bf16 on GPU): the practical ceiling."""
+    import jax
+    import jax.numpy as jnp
+
+    from easympt.dtypes import default_compute_dtype
+
+    a = jnp.ones((n, n), default_compute_dtype())
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--geometry", default="mpt-125m")
@@ -89,8 +117,12 @@ def main() -> int:
             times.append(time.perf_counter() - t0)
         ours = {"step_s": float(np.median(times)), "compile_and_first_step_s": compile_s}
         ours["tokens_per_s"] = tokens_per_step / ours["step_s"]
+        flops = step_flops(config, args.batch, args.seq_len)
+        peak = matmul_peak_flops()
+        ours["fraction_of_matmul_peak"] = flops / ours["step_s"] / peak
         result = {"geometry": args.geometry, "batch": args.batch, "seq_len": args.seq_len,
-                  "backend": jax.default_backend(), "easympt": ours}
+                  "backend": jax.default_backend(), "step_gflop": flops / 1e9, "matmul_peak_gflop_s": peak / 1e9,
+                  "easympt": ours}
         if not args.skip_torch:
             from easympt.transform import mpt_to_pretrained
 
@@ -102,6 +134,7 @@ def main() -> int:
                 return 1
             peer = json.loads(r.stdout.split("RESULT ", 1)[1])
             peer["tokens_per_s"] = tokens_per_step / peer["step_s"]
+            peer["fraction_of_matmul_peak"] = flops / peer["step_s"] / peak
             result["transformers"] = peer
             result["ratio_tokens_per_s"] = ours["tokens_per_s"] / peer["tokens_per_s"]
     print(f"{'':28s}{'easympt':>10s}{'transformers':>14s}{'ratio':>8s}")
@@ -109,6 +142,9 @@ def main() -> int:
     print(f"{'train tokens/s':28s}{ours['tokens_per_s']:10.1f}{peer.get('tokens_per_s', float('nan')):14.1f}"
           f"{result.get('ratio_tokens_per_s', float('nan')):7.2f}x")
     print(f"{'step s':28s}{ours['step_s']:10.2f}{peer.get('step_s', float('nan')):14.2f}")
+    print(f"{'of the matmul peak':28s}{ours['fraction_of_matmul_peak']:10.0%}"
+          f"{peer.get('fraction_of_matmul_peak', float('nan')):14.0%}")
+    print(f"step: {result['step_gflop']:.0f} GFLOP; best GEMM here (compute dtype): {result['matmul_peak_gflop_s']:.0f} GFLOP/s")
     print(json.dumps(result))
     return 0
 

@@ -75,7 +75,9 @@ def test_make_serve_answers_over_http():
                                                 "max_new_tokens": 24}, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["response"].strip()
-        assert httpx.get(url + "/gradio_chat/", timeout=30).status_code == 200
+        while httpx.get(url + "/gradio_chat/", timeout=30).status_code != 200:  # mounted just after /health
+            assert time.time() < deadline and proc.poll() is None, "the Gradio pages did not come up"
+            time.sleep(1)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
