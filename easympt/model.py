@@ -16,7 +16,8 @@ import optax
 from easympt.cache import KVCache, write_rows
 from easympt.config import MptConfig
 from easympt.dtypes import default_compute_dtype, resolve_dtype
-from easympt.layers import MptAttention, MptFFN, MptModule, attention_allowed, initializers, make_norm
+from easympt.layers import (FlatDense, MptAttention, MptFFN, MptModule, attention_allowed, flat_tokens,
+                            initializers, make_norm)
 from easympt.sharding import constrain
 
 
@@ -113,7 +114,7 @@ class MptTransformer(MptModule):
         return x, cache
 
     def attend_embedding(self, x):
-        return self.wte.attend(x)
+        return flat_tokens(self.wte.attend, x)
 
 
 class MptTaskModule(MptModule):
@@ -126,7 +127,7 @@ class MptTaskModule(MptModule):
 
     def dense(self, features: int, use_bias: bool) -> nn.Dense:
         kernel_init, _, _ = initializers(self.config)
-        return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        return FlatDense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                         precision=self.precision, kernel_init=kernel_init)
 
 
