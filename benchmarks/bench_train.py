@@ -61,13 +61,14 @@ def step_flops(config, batch: int, seq: int) -> float:
     return 3.0 * forward
 
 
-def matmul_peak_flops(n: int = 2048) -> float:
+def matmul_peak_flops(n: int | None = None) -> float:
     """Best GEMM rate JAX reaches here in the compute dtype (float32 on CPU, bf16 on GPU): the practical ceiling."""
     import jax
     import jax.numpy as jnp
 
     from easympt.dtypes import default_compute_dtype
 
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)  # a GPU needs a large product to be busy
     a = jnp.ones((n, n), default_compute_dtype())
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()

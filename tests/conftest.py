@@ -194,3 +194,29 @@ def server(lm_checkpoint):
     srv.fire()
     yield srv
     srv.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_health(proc, url: str, timeout_s: float = 300) -> None:
+    """Poll `url`/health until it answers 200; fail with the process output if it exits first."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url}/health did not answer within {timeout_s:.0f} s")

@@ -1,12 +1,12 @@
 """`easympt ...` as a user types it."""
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
+
+from conftest import free_port, wait_for_health
 
 EASYMPT = [sys.executable, "-m", "easympt.cli"]
 
@@ -54,22 +54,13 @@ def test_convert_round_trip(lm_checkpoint, tmp_path):
 
 
 def test_serve_answers_over_http(lm_checkpoint):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(EASYMPT + ["serve", lm_checkpoint, "--port", str(port), "--max-length", "128",
                                        "--max-compile-tokens", "16", "--max-new-tokens", "16", "--no-gradio"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_for_health(proc, url)
         r = httpx.post(url + "/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     finally:

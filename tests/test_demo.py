@@ -4,12 +4,12 @@ and that `make serve` on it answers over HTTP."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 
 import numpy as np
 
+from conftest import free_port, wait_for_health
 from easympt.demo import demo_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,32 +45,17 @@ def test_transformers_gives_the_same_greedy_tokens():
     assert ours == theirs[:len(ours)] and len(ours) >= min(len(theirs), 1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_make_serve_answers_over_http():
     import httpx
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(["make", "serve", f"SERVE_ARGS=--port {port} --max-length 512 --batch-size 2"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            raise AssertionError("make serve did not come up")
+        wait_for_health(proc, url, timeout_s=400)
+        deadline = time.time() + 120
         r = httpx.post(url + "/instruct", json={"instruction": "What does os.path.join do?", "greedy": True,
                                                 "max_new_tokens": 24}, timeout=120)
         assert r.status_code == 200, r.text
