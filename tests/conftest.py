@@ -166,9 +166,17 @@ def tokens():
 
 @pytest.fixture(scope="session")
 def tokenizer():
+    """A small BPE trained on a fixed corpus (a few standard-library modules), so the tests' token data do not
+    change whenever easympt's own source (train_tokenizer's default corpus) is edited."""
+    import glob
+    import sysconfig
+
     from easympt.demo import train_tokenizer
 
-    return train_tokenizer(vocab_size=384)
+    lib = sysconfig.get_paths()["stdlib"]
+    files = sorted(glob.glob(os.path.join(lib, "json", "*.py")) + [os.path.join(lib, n) for n in
+                                                                     ("textwrap.py", "shlex.py", "fnmatch.py")])
+    return train_tokenizer(vocab_size=384, files=files)
 
 
 @pytest.fixture(scope="session")
