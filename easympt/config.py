@@ -257,10 +257,8 @@ class MptConfig:
             extra["id2label"] = {str(k): v for k, v in id2label.items()}
             extra["label2id"] = {v: int(k) for k, v in id2label.items()}
         if problem_type is not None:
-            if problem_type not in PROBLEM_TYPES:
-                raise ConfigError(f"problem_type {problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
             extra["problem_type"] = problem_type
-        return dataclasses.replace(self, extra=extra)
+        return dataclasses.replace(self, extra=extra)  # _validate checks problem_type
 
     # ------------------------------------------------------------------ presets
     @classmethod

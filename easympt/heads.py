@@ -132,11 +132,11 @@ def question_answering_loss(start_logits, end_logits, start_positions, end_posit
     return (one(start_logits, start_positions) + one(end_logits, end_positions)) / 2
 
 
-def _row_weight(batch):
-    mask = batch.get("attention_mask")
-    if mask is None:
-        return jnp.ones((batch["input_ids"].shape[0],), jnp.float32)
-    return (jnp.asarray(mask).sum(-1) > 0).astype(jnp.float32)
+def _row_weight(attention_mask, n_rows: int):
+    """1 for a row with at least one real token, 0 for an all-padding row."""
+    if attention_mask is None:
+        return jnp.ones((n_rows,), jnp.float32)
+    return (jnp.asarray(attention_mask).sum(-1) > 0).astype(jnp.float32)
 
 
 # --------------------------------------------------------------------- wrappers
@@ -148,12 +148,13 @@ class _FlaxMptHeadModel(FlaxMptPreTrainedModel):
         return self.module.apply({"params": params}, input_ids, attention_mask, deterministic, rngs=rngs)
 
     def _run(self, params, input_ids, attention_mask, train, dropout_rng):
+        """The jitted forward and the per-row loss weight of a user call."""
         params, input_ids, attention_mask = self._checked(params, input_ids, attention_mask)
         if train and dropout_rng is None:
             dropout_rng = jax.random.PRNGKey(0)
         out = self._forward(params, input_ids, attention_mask, dropout_rng if train else None,
                             deterministic=not train)
-        return out, input_ids, attention_mask
+        return out, _row_weight(attention_mask, input_ids.shape[0])
 
     def params_from_causal_lm(self, lm_params, seed: int = 0):
         """Start a fine-tune from a causal LM: its trunk, a freshly initialised head (the LM head is dropped)."""
@@ -166,8 +167,10 @@ class _FlaxMptHeadModel(FlaxMptPreTrainedModel):
         return {**params, "transformer": lm_params["transformer"]}
 
     def _logits(self, params, batch, rng, deterministic):
-        return self.module.apply({"params": params}, batch["input_ids"], batch.get("attention_mask"),
-                                 deterministic, rngs={"dropout": rng})
+        """The forward of a training batch (traced inside the trainer's step) and its per-row loss weight."""
+        mask = batch.get("attention_mask")
+        return (self._apply(params, batch["input_ids"], mask, rng, deterministic),
+                _row_weight(mask, batch["input_ids"].shape[0]))
 
 
 class FlaxMptForSequenceClassification(_FlaxMptHeadModel):
@@ -181,17 +184,16 @@ class FlaxMptForSequenceClassification(_FlaxMptHeadModel):
                  dropout_rng=None) -> FlaxMptClassifierOutput:
         if self.config.pad_token_id is None and jnp.shape(input_ids)[0] != 1:
             raise ValueError("cannot pool batches of more than one row: config.pad_token_id is not set")
-        logits, ids, mask = self._run(params, input_ids, attention_mask, train, dropout_rng)
+        logits, weight = self._run(params, input_ids, attention_mask, train, dropout_rng)
         loss = None
         if labels is not None:
-            loss = sequence_classification_loss(self.config, logits, jnp.asarray(labels),
-                                                _row_weight({"input_ids": ids, "attention_mask": mask}))
+            loss = sequence_classification_loss(self.config, logits, jnp.asarray(labels), weight)
         return FlaxMptClassifierOutput(logits=logits, loss=loss)
 
     def loss(self, params, batch, rng, deterministic):
         """rows: input_ids, attention_mask, labels ([B], or [B, num_labels] for multi-label / regression)."""
-        return sequence_classification_loss(self.config, self._logits(params, batch, rng, deterministic),
-                                            batch["labels"], _row_weight(batch))
+        logits, weight = self._logits(params, batch, rng, deterministic)
+        return sequence_classification_loss(self.config, logits, batch["labels"], weight)
 
 
 class FlaxMptForTokenClassification(_FlaxMptHeadModel):
@@ -202,17 +204,16 @@ class FlaxMptForTokenClassification(_FlaxMptHeadModel):
 
     def __call__(self, input_ids, attention_mask=None, params=None, labels=None, train: bool = False,
                  dropout_rng=None) -> FlaxMptClassifierOutput:
-        logits, ids, mask = self._run(params, input_ids, attention_mask, train, dropout_rng)
+        logits, weight = self._run(params, input_ids, attention_mask, train, dropout_rng)
         loss = None
         if labels is not None:
-            loss = token_classification_loss(logits, jnp.asarray(labels),
-                                             _row_weight({"input_ids": ids, "attention_mask": mask}))
+            loss = token_classification_loss(logits, jnp.asarray(labels), weight)
         return FlaxMptClassifierOutput(logits=logits, loss=loss)
 
     def loss(self, params, batch, rng, deterministic):
         """rows: input_ids, attention_mask, labels [B, T]."""
-        return token_classification_loss(self._logits(params, batch, rng, deterministic), batch["labels"],
-                                          _row_weight(batch))
+        logits, weight = self._logits(params, batch, rng, deterministic)
+        return token_classification_loss(logits, batch["labels"], weight)
 
 
 class FlaxMptForQuestionAnswering(_FlaxMptHeadModel):
@@ -223,18 +224,17 @@ class FlaxMptForQuestionAnswering(_FlaxMptHeadModel):
 
     def __call__(self, input_ids, attention_mask=None, params=None, start_positions=None, end_positions=None,
                  train: bool = False, dropout_rng=None) -> FlaxMptQuestionAnsweringOutput:
-        (start, end), ids, mask = self._run(params, input_ids, attention_mask, train, dropout_rng)
+        (start, end), weight = self._run(params, input_ids, attention_mask, train, dropout_rng)
         loss = None
         if start_positions is not None and end_positions is not None:
             loss = question_answering_loss(start, end, jnp.asarray(start_positions), jnp.asarray(end_positions),
-                                           _row_weight({"input_ids": ids, "attention_mask": mask}))
+                                           weight)
         return FlaxMptQuestionAnsweringOutput(start_logits=start, end_logits=end, loss=loss)
 
     def loss(self, params, batch, rng, deterministic):
         """rows: input_ids, attention_mask, start_positions [B], end_positions [B]."""
-        start, end = self._logits(params, batch, rng, deterministic)
-        return question_answering_loss(start, end, batch["start_positions"], batch["end_positions"],
-                                       _row_weight(batch))
+        (start, end), weight = self._logits(params, batch, rng, deterministic)
+        return question_answering_loss(start, end, batch["start_positions"], batch["end_positions"], weight)
 
 
 MODEL_CLASSES = {cls.architecture: cls for cls in (FlaxMptForCausalLM, FlaxMptForSequenceClassification,
