@@ -14,6 +14,10 @@ import jax
 import jax.numpy as jnp
 
 
+# logical axes of one layer's key (or value) buffer, mapped to mesh axes by easympt.sharding
+CACHE_AXES = ("batch", "kv_heads", "kv_length", "head_dim")
+
+
 @flax.struct.dataclass
 class KVCache:
     keys: tuple  # per layer [B, K, S, D]: heads-major, so attention reads each head contiguously

@@ -161,6 +161,22 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import json
+
+    from easympt.config import PRESETS, MptConfig
+    from easympt.plan import memory_plan
+    from easympt.transform.flax_to_hf import parse_size
+
+    # a preset name, else a directory / config.json / hub id (only config.json is fetched)
+    config = MptConfig.preset(args.model) if args.model in PRESETS else MptConfig.from_pretrained(args.model)
+    plan = memory_plan(config, dtype=args.dtype, max_length=args.max_length, batch_size=args.batch_size,
+                       mesh=args.mesh, kv_dtype=args.kv_dtype,
+                       device_memory=parse_size(args.device_memory) if args.device_memory else None)
+    print(json.dumps(plan.to_dict()) if args.json else f"{args.model}\n{plan.summary()}")
+    return 0 if plan.fits is not False else 1
+
+
 BENCHMARKS = {"generate": "bench_generate.py", "server": "bench_server.py", "train": "bench_train.py",
               "convert-memory": "convert_memory.py", "profile-decode": "profile_decode.py"}
 
@@ -231,6 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 for the written tensors")
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("plan", help="memory plan from a config alone: weights, KV cache, per-device bytes, fit")
+    p.add_argument("model", help="checkpoint directory, config.json, hub id (fetches config.json only) or a "
+                                 "preset name (mpt-7b, mpt-30b, mpt-7b-storywriter, ...)")
+    p.add_argument("--dtype", default="bf16", help="weight dtype (default bf16)")
+    p.add_argument("--kv-dtype", dest="kv_dtype", default=None, help="KV-cache dtype (default: --dtype)")
+    p.add_argument("--max-length", dest="max_length", type=int, default=None,
+                   help="tokens per request (default: the config's max_seq_len)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="requests decoded together")
+    p.add_argument("--mesh", default=None, help="dp,fsdp,tp,sp sizes, e.g. 1,8,1,1 (default: one device)")
+    p.add_argument("--device-memory", dest="device_memory", default=None,
+                   help="memory of one device, e.g. 16GB or 80GiB; exit status 1 when it does not fit")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the summary")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("bench", help="run a benchmark against transformers (from a source checkout)")
     p.add_argument("which", choices=sorted(BENCHMARKS))

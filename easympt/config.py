@@ -40,7 +40,24 @@ _HF_BOOKKEEPING = frozenset({
 })
 
 
+# Keys MosaicML's published config.json files carry that change nothing easympt computes: accepted,
+# kept for export, and listed in the README. (`attn_impl` picks a PyTorch kernel of the same math.)
+NO_OP_KEYS = ("attn_impl", "init_device", "verbose", "tokenizer_name", "use_cache", "auto_map",
+              "transformers_version", "torch_dtype", "model_type", "_name_or_path")
+assert set(NO_OP_KEYS) - {"attn_impl"} <= _HF_BOOKKEEPING
+
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+# Every `architectures` spelling an MPT checkpoint carries -> the transformers class easympt builds.
+# MosaicML's own modeling code (every mosaicml/* and replit/* hub repo) saves `MPTForCausalLM`;
+# re-saves by transformers say `MptForCausalLM`; a config with no `architectures` is a causal LM.
+ARCHITECTURES = {
+    "MPTForCausalLM": "MptForCausalLM",
+    "MptForCausalLM": "MptForCausalLM",
+    "MptForSequenceClassification": "MptForSequenceClassification",
+    "MptForTokenClassification": "MptForTokenClassification",
+    "MptForQuestionAnswering": "MptForQuestionAnswering",
+}
 
 
 class ConfigError(ValueError):
@@ -173,6 +190,10 @@ class MptConfig:
     # --------------------------------------------------------------- validation
     def _validate(self) -> None:
         s, a, f = self.source, self.attn_config, self.ffn_config
+        named = self.extra.get("architectures") or ["MptForCausalLM"]
+        if not isinstance(named, list) or len(named) != 1 or named[0] not in ARCHITECTURES:
+            _fail(s, f"architectures {named!r} is not an MPT model easympt builds; it reads "
+                     f"{', '.join(ARCHITECTURES)}")
         if self.extra.get("problem_type") not in (None, *PROBLEM_TYPES):
             _fail(s, f"problem_type {self.extra['problem_type']!r} is not one of {', '.join(PROBLEM_TYPES)}")
         for name in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size"):
@@ -227,8 +248,8 @@ class MptConfig:
     # -------------------------------------------------------------- task heads
     @property
     def architecture(self) -> str:
-        """The transformers class this checkpoint was saved from (MptForCausalLM unless it says otherwise)."""
-        return (self.extra.get("architectures") or ["MptForCausalLM"])[0]
+        """The transformers class this checkpoint is (MosaicML's `MPTForCausalLM` is `MptForCausalLM`)."""
+        return ARCHITECTURES[(self.extra.get("architectures") or ["MptForCausalLM"])[0]]
 
     @property
     def num_labels(self) -> int:
@@ -314,8 +335,10 @@ class MptConfig:
         return cls(attn_config=attn, ffn_config=ffn, extra=extra, source=source, **kwargs)
 
     def to_dict(self) -> dict:
-        d: dict[str, Any] = {"model_type": "mpt", "architectures": ["MptForCausalLM"]}
-        d.update(self.extra)
+        # transformers' spelling and no `auto_map`: the file loads in transformers without remote code
+        d: dict[str, Any] = {"model_type": "mpt"}
+        d.update({k: v for k, v in self.extra.items() if k != "auto_map"})
+        d["architectures"] = [self.architecture]
         for f in dataclasses.fields(self):
             if f.name in ("extra", "source", "attn_config", "ffn_config"):
                 continue

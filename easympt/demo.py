@@ -10,9 +10,11 @@ import glob
 import os
 
 
-def train_tokenizer(vocab_size: int = 512, files: list[str] | None = None, chat_tokens: bool = False):
+def train_tokenizer(vocab_size: int = 512, files: list[str] | None = None, chat_tokens: bool = False,
+                    special_tokens: tuple[str, ...] = ("<|endoftext|>",)):
     """A PreTrainedTokenizerFast (byte-level BPE) trained on local files. `chat_tokens` adds ChatML's
-    <|im_start|>/<|im_end|> as single ordinary tokens (so they decode as text and stop strings see them)."""
+    <|im_start|>/<|im_end|> as single ordinary tokens (so they decode as text and stop strings see them).
+    `special_tokens` take the first ids in order; <|endoftext|> is eos, <|pad|> (if named) the padding."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -22,13 +24,14 @@ def train_tokenizer(vocab_size: int = 512, files: list[str] | None = None, chat_
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train(files, trainer)
     if chat_tokens:
         tok.add_tokens(["<|im_start|>", "<|im_end|>"])
+    pad = "<|pad|>" if "<|pad|>" in special_tokens else "<|endoftext|>"
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+                                   pad_token=pad)
 
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")

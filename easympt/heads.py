@@ -242,8 +242,5 @@ MODEL_CLASSES = {cls.architecture: cls for cls in (FlaxMptForCausalLM, FlaxMptFo
 
 
 def model_class_for(config: MptConfig) -> type[FlaxMptPreTrainedModel]:
-    """The wrapper for the architecture a config.json names (unknown names are refused, not guessed)."""
-    if config.architecture not in MODEL_CLASSES:
-        raise ValueError(f"architecture {config.architecture!r} is not supported; easympt loads "
-                         f"{', '.join(MODEL_CLASSES)}")
+    """The wrapper for the architecture a config.json names (MptConfig has refused any other)."""
     return MODEL_CLASSES[config.architecture]

@@ -38,6 +38,10 @@ class PartitionRuleError(ValueError):
     """Raised when a parameter matches no partition rule."""
 
 
+class MeshFitError(ValueError):
+    """A mesh axis that does not divide the tensor dimension a rule shards over it."""
+
+
 def create_mesh(shape: Sequence[int] = (1, -1, 1, 1), axis_names: Sequence[str] = MESH_AXES,
                 devices=None) -> Mesh:
     """A mesh over all (global) devices; one -1 in `shape` takes the remaining devices."""
@@ -121,24 +125,42 @@ def match_partition_rules(rules, params):
     return jax.tree_util.tree_unflatten(treedef, specs)
 
 
-def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-    """Drop mesh axes from dimensions they do not divide (e.g. a 256-token vocab over 3 devices)."""
+MISFIT = ("replicate", "warn", "raise")
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh, misfit: str = "warn", name: str = "tensor") -> P:
+    """Drop mesh axes from dimensions they do not divide (e.g. a 256-token vocab over 3 devices).
+
+    misfit: "warn" (parameters: logged, replicated), "replicate" (activations such as a batch of
+    one: silently), "raise" (MeshFitError: memory plans and real-size checks)."""
     out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    for i, (dim, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         size = math.prod(mesh.shape[a] for a in names)
-        out.append(axes if size and dim % size == 0 else None)
+        if size > 1 and dim % size:
+            msg = (f"{name} {tuple(shape)}: dimension {i} of size {dim} does not divide over mesh axis "
+                   f"{'x'.join(names)} of size {size} (mesh {dict(mesh.shape)})")
+            if misfit == "raise":
+                raise MeshFitError(msg)
+            if misfit == "warn":
+                log.warning("%s; that dimension is replicated instead", msg)
+            axes = None
+        out.append(axes)
     return P(*out)
 
 
-def named_sharding(mesh: Mesh, spec: P, shape: Sequence[int]) -> NamedSharding:
-    return NamedSharding(mesh, fit_spec(spec, shape, mesh))
+def named_sharding(mesh: Mesh, spec: P, shape: Sequence[int], misfit: str = "warn",
+                   name: str = "tensor") -> NamedSharding:
+    return NamedSharding(mesh, fit_spec(spec, shape, mesh, misfit=misfit, name=name))
 
 
-def shardings_for(mesh: Mesh, params, rules):
-    specs = match_partition_rules(rules, params)
-    return jax.tree_util.tree_map(lambda s, x: named_sharding(mesh, s, np.shape(x)), specs, params,
-                                  is_leaf=lambda x: isinstance(x, P))
+def shardings_for(mesh, params, rules, misfit: str = "warn"):
+    """NamedSharding tree for `params` (arrays or ShapeDtypeStructs; an AbstractMesh works too)."""
+    specs = jax.tree_util.tree_leaves(match_partition_rules(rules, params), is_leaf=lambda x: isinstance(x, P))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    return jax.tree_util.tree_unflatten(treedef, [
+        named_sharding(mesh, spec, np.shape(x), misfit=misfit, name=path_str(path))
+        for (path, x), spec in zip(flat, specs)])
 
 
 def logical_spec(names: Sequence[str | None]) -> P:
@@ -149,4 +171,4 @@ def constrain(x, mesh: Mesh | None, names: Sequence[str | None]):
     """with_sharding_constraint by logical axis names; a no-op without a mesh."""
     if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical_spec(names), x.shape))
+    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical_spec(names), x.shape, misfit="replicate"))

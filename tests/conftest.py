@@ -30,9 +30,10 @@ def full_config(**overrides) -> dict:
     return cfg
 
 
-def random_state_dict(cfg: dict, seed: int = 0, std: float = 0.15) -> dict[str, np.ndarray]:
-    """Tensors named and shaped as llm-foundry / transformers save them ([out, in] weights)."""
-    rng = np.random.default_rng(seed)
+def mosaicml_tensor_shapes(cfg: dict) -> dict[str, tuple]:
+    """Name -> shape of every tensor MosaicML's modeling_mpt.py saves for a config.json dict
+    (llm-foundry's definition, [out, in] weights; transformers uses the same names). `wpe` exists
+    only without ALiBi, as in the hub code next to MosaicML's checkpoints."""
     a, f = cfg["attn_config"], cfg.get("ffn_config") or {}
     d, nh, L = cfg["d_model"], cfg["n_heads"], cfg["n_layers"]
     hd = d // nh
@@ -40,24 +41,21 @@ def random_state_dict(cfg: dict, seed: int = 0, std: float = 0.15) -> dict[str, 
                                                                      a.get("kv_n_heads"))
     F = f.get("ffn_hidden_size") or int(d * cfg.get("expansion_ratio", 4))
     bias = not cfg.get("no_bias", True)
-    sd = {}
-
-    def w(name, *shape, scale=std):
-        sd[name] = (rng.standard_normal(shape) * scale).astype(np.float32)
+    shapes = {}
 
     def norm(name, n):
-        sd[name + ".weight"] = (1 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+        shapes[name + ".weight"] = (n,)
         if bias and "rms" not in cfg.get("norm_type", ""):
-            w(name + ".bias", n, scale=0.1)
+            shapes[name + ".bias"] = (n,)
 
     def linear(name, out, inp):
-        w(name + ".weight", out, inp)
+        shapes[name + ".weight"] = (out, inp)
         if bias:
-            w(name + ".bias", out, scale=0.1)
+            shapes[name + ".bias"] = (out,)
 
-    w("transformer.wte.weight", cfg["vocab_size"], d, scale=0.5)
+    shapes["transformer.wte.weight"] = (cfg["vocab_size"], d)
     if cfg.get("learned_pos_emb", True) and not a.get("alibi", True):
-        w("transformer.wpe.weight", cfg["max_seq_len"], d, scale=0.5)
+        shapes["transformer.wpe.weight"] = (cfg["max_seq_len"], d)
     for i in range(L):
         p = f"transformer.blocks.{i}"
         norm(p + ".norm_1", d)
@@ -73,7 +71,23 @@ def random_state_dict(cfg: dict, seed: int = 0, std: float = 0.15) -> dict[str, 
         linear(p + ".ffn.down_proj", d, F)
     norm("transformer.norm_f", d)
     if not cfg.get("tie_word_embeddings", True):
-        w("lm_head.weight", cfg["vocab_size"], d)
+        shapes["lm_head.weight"] = (cfg["vocab_size"], d)
+    return shapes
+
+
+def random_state_dict(cfg: dict, seed: int = 0, std: float = 0.15) -> dict[str, np.ndarray]:
+    """Random tensors in MosaicML's layout (mosaicml_tensor_shapes); norm weights near one."""
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for name, shape in mosaicml_tensor_shapes(cfg).items():
+        x = rng.standard_normal(shape)
+        if name.endswith(".bias"):
+            x = x * 0.1
+        elif len(shape) == 1:  # a norm's weight
+            x = 1 + 0.2 * x
+        else:
+            x = x * (0.5 if name.startswith(("transformer.wte", "transformer.wpe")) else std)
+        sd[name] = x.astype(np.float32)
     return sd
 
 

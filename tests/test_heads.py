@@ -171,8 +171,8 @@ def test_unknown_architecture_and_problem_type_are_refused(tmp_path):
     config = MptConfig.preset("tiny")
     with pytest.raises(ConfigError, match="problem_type"):
         config.for_task("MptForSequenceClassification", num_labels=2, problem_type="ranking")
-    with pytest.raises(ValueError, match="architecture 'MptForCausalLMWithValueHead'"):
-        model_class_for(config.for_task("MptForCausalLMWithValueHead"))
+    with pytest.raises(ConfigError, match="architectures \\['MptForCausalLMWithValueHead'\\] is not an MPT"):
+        config.for_task("MptForCausalLMWithValueHead")
 
 
 def test_classifier_fine_tunes_from_a_causal_lm(tmp_path):

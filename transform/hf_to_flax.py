@@ -377,6 +377,6 @@ def mpt_from_pretrained(source: str, device=None, dtype=None, mesh=None, partiti
         t, transpose = plan[name]
         sharding = None
         if mesh is not None:
-            sharding = named_sharding(mesh, spec_for(name, rules), expected[name])
+            sharding = named_sharding(mesh, spec_for(name, rules), expected[name], name=name)
         flat[name] = place_tensor(t, transpose, dtype, device=device, sharding=sharding)
     return _nest(flat), config

@@ -1,0 +1,147 @@
+"""A memory plan from a config alone: what a model needs before anyone buys hardware for it.
+
+Parameters are built abstractly (`jax.eval_shape`: nothing allocated) and placed on an
+abstract mesh by the same partition rules loading uses, so the per-device figure is what
+`mpt_from_pretrained(..., mesh=...)` would really hold. A rule whose mesh axis does not
+divide its tensor is an error here (loading would replicate that tensor instead).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+from jax.sharding import AbstractMesh
+
+from easympt.cache import CACHE_AXES
+from easympt.config import MptConfig
+from easympt.dtypes import resolve_dtype
+from easympt.sharding import MESH_AXES, logical_spec, named_sharding, shardings_for
+
+GB = 10**9
+
+
+def parse_mesh(mesh: str | tuple | dict | None) -> dict[str, int]:
+    """'1,8,2,1' (dp,fsdp,tp,sp), a tuple, or {'fsdp': 8, 'tp': 2} -> {axis: size} over MESH_AXES."""
+    if mesh is None:
+        return dict.fromkeys(MESH_AXES, 1)
+    if isinstance(mesh, dict):
+        unknown = set(mesh) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"mesh axes {sorted(unknown)} are not among {', '.join(MESH_AXES)}")
+        return {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+    sizes = [int(x) for x in mesh.split(",")] if isinstance(mesh, str) else [int(x) for x in mesh]
+    if len(sizes) != len(MESH_AXES) or any(s < 1 for s in sizes):
+        raise ValueError(f"mesh {mesh!r}: give {len(MESH_AXES)} positive sizes for {','.join(MESH_AXES)}")
+    return dict(zip(MESH_AXES, sizes))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes a model needs, whole and per device (the busiest device of the mesh)."""
+
+    dtype: str
+    n_params: int
+    param_bytes: int
+    kv_bytes_per_token: int  # K and V of every layer for one token
+    max_length: int
+    batch_size: int
+    mesh: dict[str, int]
+    device_param_bytes: int
+    device_kv_bytes: int
+    device_memory: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kv_bytes_per_request(self) -> int:
+        return self.kv_bytes_per_token * self.max_length
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_bytes_per_request * self.batch_size
+
+    @property
+    def n_devices(self) -> int:
+        return math.prod(self.mesh.values())
+
+    @property
+    def device_bytes(self) -> int:
+        """Weights + KV cache on one device (activations and compiler scratch come on top)."""
+        return self.device_param_bytes + self.device_kv_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_memory is None else self.device_bytes <= self.device_memory
+
+    def to_dict(self) -> dict:
+        return {"dtype": self.dtype, "n_params": self.n_params, "param_bytes": self.param_bytes,
+                "kv_bytes_per_token": self.kv_bytes_per_token, "kv_bytes_per_request": self.kv_bytes_per_request,
+                "kv_cache_bytes": self.kv_cache_bytes, "max_length": self.max_length,
+                "batch_size": self.batch_size, "mesh": self.mesh, "n_devices": self.n_devices,
+                "device_param_bytes": self.device_param_bytes, "device_kv_bytes": self.device_kv_bytes,
+                "device_bytes": self.device_bytes, "device_memory": self.device_memory, "fits": self.fits,
+                "notes": self.notes}
+
+    def summary(self) -> str:
+        g = lambda b: f"{b / GB:,.2f} GB"  # noqa: E731
+        lines = [
+            f"parameters        {self.n_params / 1e9:,.3f} B = {g(self.param_bytes)} in {self.dtype}",
+            f"KV cache          {self.kv_bytes_per_token / 2**20:,.3f} MiB per token, "
+            f"{g(self.kv_bytes_per_request)} per request of {self.max_length} tokens, "
+            f"{g(self.kv_cache_bytes)} for batch {self.batch_size}",
+            f"mesh              {'x'.join(f'{a}={n}' for a, n in self.mesh.items())} ({self.n_devices} devices)",
+            f"per device        {g(self.device_param_bytes)} weights + {g(self.device_kv_bytes)} KV cache = "
+            f"{g(self.device_bytes)} (activations and compiler scratch come on top)",
+        ]
+        if self.device_memory is not None:
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(f"device memory     {g(self.device_memory)}: {verdict} "
+                         f"({self.device_bytes / self.device_memory:.0%} used by weights + cache)")
+        lines += [f"note              {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _shard_bytes(sharding, shape, itemsize) -> int:
+    return int(np.prod(sharding.shard_shape(tuple(shape)), dtype=np.int64)) * itemsize
+
+
+def memory_plan(config: MptConfig, dtype="bf16", max_length: int | None = None, batch_size: int = 1,
+                mesh=None, device_memory: int | float | None = None, kv_dtype=None) -> MemoryPlan:
+    """Parameter, KV-cache and per-device bytes of `config` (weights in `dtype`, cache in `kv_dtype`,
+    default the same) on a mesh of abstract devices. Raises MeshFitError naming the tensor, the
+    axis, the size and the mesh when a partition rule cannot shard a tensor evenly."""
+    from easympt.heads import model_class_for
+
+    dtype = np.dtype(resolve_dtype(dtype))
+    kv_dtype = np.dtype(resolve_dtype(kv_dtype) or dtype)
+    max_length = max_length or config.max_seq_len
+    sizes = parse_mesh(mesh)
+    abstract = AbstractMesh(tuple(sizes.values()), tuple(sizes))
+    shapes = model_class_for(config)(config, _do_init=False).params_shape()
+    leaves = jax.tree_util.tree_leaves(shapes)
+    shardings = jax.tree_util.tree_leaves(shardings_for(abstract, shapes, config.get_partition_rules(),
+                                                        misfit="raise"))
+    n_params = sum(int(np.prod(x.shape, dtype=np.int64)) for x in leaves)
+    device_param_bytes = sum(_shard_bytes(s, x.shape, dtype.itemsize) for s, x in zip(shardings, leaves))
+
+    per_layer = (batch_size, config.kv_heads, max_length, config.head_dim)
+    cache_sharding = named_sharding(abstract, logical_spec(CACHE_AXES), per_layer, misfit="replicate")
+    device_kv = 2 * config.n_layers * _shard_bytes(cache_sharding, per_layer, kv_dtype.itemsize)
+    notes = []
+    if max_length > config.max_seq_len:
+        notes.append(f"max_length {max_length} is past the trained max_seq_len {config.max_seq_len} "
+                     "(ALiBi extrapolates; learned positions cannot)")
+    if cache_sharding.spec[0] is None and sizes["dp"] * sizes["fsdp"] > 1:
+        notes.append(f"batch {batch_size} does not divide dp x fsdp = {sizes['dp'] * sizes['fsdp']}: "
+                     "every device holds the whole batch's cache")
+    if cache_sharding.spec[1] is None and sizes["tp"] > 1:
+        notes.append(f"{config.kv_heads} KV head(s) do not divide tp = {sizes['tp']}: the cache is "
+                     "replicated over tp")
+    return MemoryPlan(
+        dtype=dtype.name, n_params=n_params, param_bytes=n_params * dtype.itemsize,
+        kv_bytes_per_token=2 * config.n_layers * config.kv_heads * config.head_dim * kv_dtype.itemsize,
+        max_length=max_length, batch_size=batch_size, mesh=sizes, device_param_bytes=device_param_bytes,
+        device_kv_bytes=device_kv, device_memory=None if device_memory is None else int(device_memory),
+        notes=notes)
