@@ -177,6 +177,54 @@ def cmd_plan(args) -> int:
     return 0 if plan.fits is not False else 1
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    from transformers import AutoTokenizer
+
+    from easympt.evaluation import evaluate_texts, local_scorer, read_texts, server_scorer
+
+    source = args.model
+    if source is None:
+        from easympt.demo import demo_checkpoint
+
+        source = demo_checkpoint()
+    texts = read_texts(args.data)  # bad data fails before any model is loaded
+    from easympt.transform.hf_to_flax import resolve_checkpoint_dir
+
+    if args.server:
+        import httpx
+
+        key = args.api_key or __import__("os").environ.get("EASYMPT_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        status = httpx.get(args.server.rstrip("/") + "/status", headers=headers, timeout=30)
+        status.raise_for_status()
+        served = status.json()
+        max_length = min(args.max_length or served["max_length"], served["max_length"] - 1)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint_dir(source))
+        scorer = server_scorer(args.server, served.get("model"), key)
+    else:
+        from easympt.model import FlaxMptForCausalLM
+        from easympt.transform import mpt_from_pretrained
+
+        ckpt = resolve_checkpoint_dir(source)
+        params, config = mpt_from_pretrained(ckpt, dtype=args.dtype)
+        model = FlaxMptForCausalLM(config, dtype=args.dtype, _do_init=False)
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+        max_length = args.max_length or config.max_seq_len
+        scorer = local_scorer(model, params, max_length)
+    result = evaluate_texts(texts, tokenizer, scorer, max_length, stride=args.stride, batch_size=args.batch_size)
+    out = {"model": source, "data": args.data, "max_length": max_length,
+           "stride": args.stride or max_length // 2, **result.to_dict()}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.data}: {result.documents} documents, {result.tokens} tokens, {result.bytes} bytes\n"
+              f"perplexity {result.perplexity:.4f}   bits per byte {result.bits_per_byte:.4f}   "
+              f"(max_length {max_length}, stride {out['stride']})")
+    return 0
+
+
 BENCHMARKS = {"generate": "bench_generate.py", "server": "bench_server.py", "train": "bench_train.py",
               "convert-memory": "convert_memory.py", "profile-decode": "profile_decode.py"}
 
@@ -247,6 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 for the written tensors")
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("eval", help="perplexity and bits per byte of a text file, locally or through a server")
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint directory or hub id (default: the bundled demo model); with --server its "
+                        "tokenizer is used")
+    p.add_argument("--data", required=True, help=".txt (one document) or .jsonl ({\"text\": ...} per line)")
+    p.add_argument("--server", default=None, help="score through this running server's /v1/completions instead")
+    p.add_argument("--api-key", dest="api_key", default=None, help="the server's API key (or EASYMPT_API_KEY)")
+    p.add_argument("--max-length", dest="max_length", type=int, default=None,
+                   help="tokens per window (default: the model's max_seq_len; with --server its max_length - 1)")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default max_length/2)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="windows scored together")
+    p.add_argument("--dtype", default=None, help="fp32 / bf16 (default: fp32 on CPU, bf16 on GPU/TPU)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the summary")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plan", help="memory plan from a config alone: weights, KV cache, per-device bytes, fit")
     p.add_argument("model", help="checkpoint directory, config.json, hub id (fetches config.json only) or a "

@@ -10,9 +10,10 @@ from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
+from easympt.generation.sampling import MAX_LOGPROBS
 from easympt.serve.routes import StrictBody, run_to_completion
 
 
@@ -55,9 +56,19 @@ class _Common(StrictBody):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    # text, texts, token ids, or lists of token ids (as OpenAI and vLLM accept; evaluation harnesses send ids)
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt, generate nothing
+
+    @model_validator(mode="after")
+    def _scoring(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 generates nothing; it needs echo: true (to score the prompt)")
+        if self.echo and self.stream:
+            raise ValueError("echo: streaming does not echo the prompt; ask without stream")
+        return self
 
 
 class ChatMessage(StrictBody):
@@ -68,6 +79,48 @@ class ChatMessage(StrictBody):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
+        return self
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def _alternatives(tokenizer, score) -> dict[str, float]:
+    top: dict[str, float] = {}
+    for i, lp in score.top:  # two ids may decode alike: keep the likelier
+        key = _token_text(tokenizer, i)
+        top[key] = max(top.get(key, float("-inf")), lp)
+    return top
+
+
+def completion_logprobs(tokenizer, scores, offset: int = 0) -> dict:
+    """OpenAI's legacy completions shape; text_offset counts from the start of the choice's text
+    (the prompt's when echoed), plus `offset` for a stream's later chunks."""
+    tokens = [_token_text(tokenizer, s.token_id) for s in scores]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [s.logprob for s in scores],
+            "top_logprobs": [None if s.logprob is None else _alternatives(tokenizer, s) for s in scores],
+            "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, scores, n_top: int) -> dict:
+    """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def entry(token_id, lp):
+        text = _token_text(tokenizer, token_id)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+    return {"content": [{**entry(s.token_id, s.logprob), "top_logprobs": [entry(i, lp) for i, lp in s.top[:n_top]]}
+                        for s in scores]}
 
 
 def build_router(server) -> APIRouter:
@@ -78,13 +131,15 @@ def build_router(server) -> APIRouter:
         if name is not None and name != cfg.model_name:
             raise HTTPException(404, f"model {name!r} does not exist; this server serves {cfg.model_name!r}")
 
-    def sampling_for(body: _Common, extra_stop=(), index: int = 0):
+    def sampling_for(body: _Common, extra_stop=(), index: int = 0, logprobs: int | None = None,
+                     echo: bool = False):
         if body.n > cfg.max_n:
             raise HTTPException(400, f"n={body.n} exceeds this server's limit {cfg.max_n}")
-        limit = body.max_completion_tokens or body.max_tokens
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         seed = None if body.seed is None else (body.seed + index) % 2**63
         extra = {k: v for k, v in (("min_p", body.min_p), ("repetition_penalty", body.repetition_penalty))
                  if v is not None}
+        extra.update(logprobs=logprobs, prompt_logprobs=echo)
         return server.sampling(body.temperature, body.top_p, body.top_k, limit, seed,
                                stop=tuple(body.stop or ()) + tuple(extra_stop), **extra)
 
@@ -104,14 +159,14 @@ def build_router(server) -> APIRouter:
         check_model(name)
         return {"id": cfg.model_name, "object": "model", "created": int(server.started_at), "owned_by": "easympt"}
 
-    async def stream_events(prompt: str, sampling, truncate: bool, make_chunk, request: Request):
+    async def stream_events(prompt: str | list[int], sampling, truncate: bool, make_chunk, request: Request):
         ids = server.encode_prompt(prompt, sampling.max_new_tokens, truncate)
         handle = server.scheduler.submit(ids, sampling, loop=asyncio.get_running_loop())
 
         async def gen():
             done = False
             try:
-                yield f"data: {json.dumps(make_chunk(None, None, first=True))}\n\n"
+                yield f"data: {json.dumps(make_chunk(None, None, None, first=True))}\n\n"
                 async for ev in handle.events():
                     if await request.is_disconnected():
                         break
@@ -119,10 +174,10 @@ def build_router(server) -> APIRouter:
                         yield f"data: {json.dumps({'error': {'message': ev.error, 'type': 'server_error'}})}\n\n"
                         done = True
                         break
-                    if ev.text:
-                        yield f"data: {json.dumps(make_chunk(ev.text, None))}\n\n"
+                    if ev.text or ev.logprobs:
+                        yield f"data: {json.dumps(make_chunk(ev.text, None, ev.logprobs))}\n\n"
                     if ev.final:
-                        final = make_chunk(None, reason_for(ev.finish_reason))
+                        final = make_chunk(None, reason_for(ev.finish_reason), None)
                         final["usage"] = usage(len(ids), handle.completion_tokens)
                         yield f"data: {json.dumps(final)}\n\n"
                         done = True
@@ -137,26 +192,40 @@ def build_router(server) -> APIRouter:
     @router.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        p = body.prompt
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
         if not prompts:
             raise HTTPException(400, "prompt must not be an empty list")
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        tok = server.tokenizer
         if body.stream:
             if len(prompts) * body.n != 1:
                 raise HTTPException(400, "stream=true supports one prompt with n=1")
+            offset = 0
 
-            def chunk(text, reason, first=False):
+            def chunk(text, reason, scores, first=False):
+                nonlocal offset
+                lp = None
+                if body.logprobs is not None and scores:
+                    lp = completion_logprobs(tok, scores, offset)
+                    offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
                 return {"id": cid, "object": "text_completion", "created": created, "model": cfg.model_name,
-                        "choices": [{"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}]}
-            return await stream_events(prompts[0], sampling_for(body), body.truncate, chunk, request)
-        jobs = [(p, sampling_for(body, index=i)) for p in prompts for i in range(body.n)]
+                        "choices": [{"index": 0, "text": text or "", "finish_reason": reason, "logprobs": lp}]}
+            return await stream_events(prompts[0], sampling_for(body, logprobs=body.logprobs), body.truncate, chunk,
+                                       request)
+        jobs = [(p, sampling_for(body, index=i, logprobs=body.logprobs, echo=body.echo))
+                for p in prompts for i in range(body.n)]
         results = await asyncio.gather(*(run_to_completion(server, p, s, body.truncate, request) for p, s in jobs))
         choices, n_in, n_out = [], 0, 0
-        for i, ((p, _), (text, ti, to, reason)) in enumerate(zip(jobs, results)):
-            choices.append({"index": i, "text": (p + text) if body.echo else text, "logprobs": None,
-                            "finish_reason": reason_for(reason)})
-            n_in += ti if i % body.n == 0 else 0
-            n_out += to
+        for i, ((p, _), done) in enumerate(zip(jobs, results)):
+            text, scores = done.text, done.logprobs
+            if body.echo:
+                text = (p if isinstance(p, str) else tok.decode(done.prompt_ids)) + text
+                scores = done.prompt_logprobs + (scores or [])
+            choices.append({"index": i, "text": text, "finish_reason": reason_for(done.finish_reason),
+                            "logprobs": None if body.logprobs is None else completion_logprobs(tok, scores)})
+            n_in += done.prompt_tokens if i % body.n == 0 else 0
+            n_out += done.completion_tokens
         return {"id": cid, "object": "text_completion", "created": created, "model": cfg.model_name,
                 "choices": choices, "usage": usage(n_in, n_out)}
 
@@ -168,21 +237,27 @@ def build_router(server) -> APIRouter:
         prompt = server.format_messages([m.model_dump() for m in body.messages])
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         stops = server.chat_stop_strings()
+        n_top = body.top_logprobs or 0
+        want = n_top if body.logprobs else None
         if body.stream:
             if body.n != 1:
                 raise HTTPException(400, "stream=true supports n=1")
 
-            def chunk(text, reason, first=False):
+            def chunk(text, reason, scores, first=False):
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": reason}
+                if body.logprobs:
+                    choice["logprobs"] = chat_logprobs(server.tokenizer, scores, n_top) if scores else None
                 return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
-            return await stream_events(prompt, sampling_for(body, stops), body.truncate, chunk, request)
-        results = await asyncio.gather(*(run_to_completion(server, prompt, sampling_for(body, stops, i),
+                        "choices": [choice]}
+            return await stream_events(prompt, sampling_for(body, stops, logprobs=want), body.truncate, chunk, request)
+        results = await asyncio.gather(*(run_to_completion(server, prompt, sampling_for(body, stops, i, logprobs=want),
                                                            body.truncate, request) for i in range(body.n)))
-        choices = [{"index": i, "message": {"role": "assistant", "content": text},
-                    "finish_reason": reason_for(reason), "logprobs": None}
-                   for i, (text, _, _, reason) in enumerate(results)]
+        choices = [{"index": i, "message": {"role": "assistant", "content": done.text},
+                    "finish_reason": reason_for(done.finish_reason),
+                    "logprobs": chat_logprobs(server.tokenizer, done.logprobs, n_top) if body.logprobs else None}
+                   for i, done in enumerate(results)]
         return {"id": cid, "object": "chat.completion", "created": created, "model": cfg.model_name,
-                "choices": choices, "usage": usage(results[0][1], sum(r[2] for r in results))}
+                "choices": choices, "usage": usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results))}
 
     return router

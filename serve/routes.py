@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -91,21 +92,38 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
-async def run_to_completion(server, prompt: str, sampling, truncate: bool, request: Request | None = None):
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list | None = None  # TokenScores of token_ids, when the sampling asked
+    prompt_logprobs: list | None = None  # TokenScores of prompt_ids, when the sampling asked (echo)
+
+
+async def run_to_completion(server, prompt: str | list[int], sampling, truncate: bool,
+                            request: Request | None = None) -> Completion:
     """Submit, wait, and cancel the slot if the client goes away."""
     ids = server.encode_prompt(prompt, sampling.max_new_tokens, truncate)
     handle = server.scheduler.submit(ids, sampling, loop=asyncio.get_running_loop())
-    parts, reason, error = [], None, None
+    parts, reason, error, token_ids, scores, prompt_scores = [], None, None, [], [], None
     try:
         async for ev in handle.events():
             parts.append(ev.text)
+            token_ids += ev.token_ids
+            scores += ev.logprobs or []
+            prompt_scores = prompt_scores or ev.prompt_logprobs
             reason, error = ev.finish_reason, ev.error
     finally:
         if reason is None:
             handle.cancel()
     if reason == "error":
         raise HTTPException(500, error or "generation failed")
-    return "".join(parts), len(ids), handle.completion_tokens, reason
+    return Completion("".join(parts), len(ids), handle.completion_tokens, reason, ids, token_ids,
+                      scores if sampling.logprobs is not None else None, prompt_scores)
 
 
 def build_app(server) -> FastAPI:
@@ -188,21 +206,24 @@ def build_app(server) -> FastAPI:
                              "vocab_size": m.vocab_size, "max_seq_len": m.max_seq_len},
         }
 
+    async def reply(prompt: str, sampling, truncate: bool, request: Request) -> GenerationReply:
+        done = await run_to_completion(server, prompt, sampling, truncate, request)
+        return GenerationReply(input=prompt, response=done.text, finish_reason=done.finish_reason,
+                               tokens_used=done.prompt_tokens + done.completion_tokens)
+
     @app.post("/chat", response_model=GenerationReply)
     async def chat(body: ChatRequest, request: Request):
         prompt = server.format_chat(body.history, body.prompt, body.system)
         sampling = server.sampling(body.temperature, body.top_p, body.top_k, body.max_new_tokens, body.seed,
                                    stop=server.chat_stop_strings(), greedy=body.greedy)
-        text, n_in, n_out, reason = await run_to_completion(server, prompt, sampling, body.truncate, request)
-        return GenerationReply(input=prompt, response=text, tokens_used=n_in + n_out, finish_reason=reason)
+        return await reply(prompt, sampling, body.truncate, request)
 
     @app.post("/instruct", response_model=GenerationReply)
     async def instruct(body: InstructRequest, request: Request):
         prompt = server.format_instruct(body.system, body.instruction)
         sampling = server.sampling(body.temperature, body.top_p, body.top_k, body.max_new_tokens, body.seed,
                                    stop=server.instruct_stop_strings(), greedy=body.greedy)
-        text, n_in, n_out, reason = await run_to_completion(server, prompt, sampling, body.truncate, request)
-        return GenerationReply(input=prompt, response=text, tokens_used=n_in + n_out, finish_reason=reason)
+        return await reply(prompt, sampling, body.truncate, request)
 
     app.include_router(build_router(server))
     return app

@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -32,11 +33,29 @@ class QueueFull(Exception):
 
 
 @dataclass
+class TokenScore:
+    """One token's log-probability under the model and its `logprobs` likeliest alternatives."""
+
+    token_id: int
+    logprob: float | None  # None for a prompt's first token: nothing precedes it
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def token_scores(lp, row: int, positions, token_ids, n_top: int) -> list[TokenScore]:
+    """TokenScores of host-side TokenLogprobs `lp` at lp[row, positions]."""
+    return [TokenScore(int(t), float(lp.chosen[row, p]),
+                       [(int(i), float(v)) for i, v in zip(lp.top_ids[row, p, :n_top], lp.top[row, p, :n_top])])
+            for p, t in zip(positions, token_ids)]
+
+
+@dataclass
 class Event:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length", "cancelled", "timeout", "error"
     error: str | None = None
+    logprobs: list[TokenScore] | None = None  # one per token_ids entry, when the request asked
+    prompt_logprobs: list[TokenScore] | None = None  # first event only, when the request asked (echo)
 
     @property
     def final(self) -> bool:
@@ -178,32 +197,54 @@ class Scheduler:
         if handle.cancelled.is_set():
             handle.put(Event(finish_reason="cancelled"))
             return
-        slot = self.slots.index(None)
-        eng = self.engine
-        prefix = eng.prefill_batch([handle.prompt_ids], [handle.sampling], self.eos_ids)
-        self.state = eng.insert(prefix, self.state, jnp.asarray([slot], jnp.int32))
-        self.slots[slot] = _Slot(handle, IncrementalText(self.tokenizer, handle.sampling.stop))
+        eng, sampling, ids = self.engine, handle.sampling, handle.prompt_ids
+        prefix = eng.prefill_batch([ids], [sampling], self.eos_ids)
         first = int(np.asarray(prefix.token)[0])
-        active = bool(np.asarray(self.state.active)[slot])
-        n_new = int(np.asarray(self.state.n_new)[slot])
+        first_score = prompt_scores = None
+        if sampling.wants_logprobs:  # scored by this same prefill pass
+            lp, plp = jax.device_get((prefix.logprobs, prefix.prompt_logprobs))
+            first_score = token_scores(jax.tree_util.tree_map(lambda x: x[:, None], lp), 0, [0], [first],
+                                       sampling.logprobs or 0)
+            if sampling.prompt_logprobs:
+                P = plp.chosen.shape[1]
+                prompt_scores = [TokenScore(ids[0], None)] + token_scores(
+                    plp, 0, range(P - len(ids) + 1, P), ids[1:], sampling.logprobs or 0)
         handle.first_token_at = time.monotonic()
         if self.metrics:
             self.metrics.ttft.observe(handle.first_token_at - handle.created)
-        self._deliver(slot, [first] if n_new else [], finished=not active)
+        if sampling.max_new_tokens == 0:  # scoring only (echo with max_tokens 0): no decode slot
+            handle.put(Event(finish_reason="length", logprobs=[], prompt_logprobs=prompt_scores))
+            return
+        slot = self.slots.index(None)
+        self.state = eng.insert(prefix, self.state, jnp.asarray([slot], jnp.int32))
+        self.slots[slot] = _Slot(handle, IncrementalText(self.tokenizer, sampling.stop))
+        active = bool(np.asarray(self.state.active)[slot])
+        n_new = int(np.asarray(self.state.n_new)[slot])
+        self._deliver(slot, [first] if n_new else [], finished=not active,
+                      scores=first_score if n_new and sampling.logprobs is not None else None,
+                      prompt_scores=prompt_scores)
 
     def _decode(self) -> None:
         eng = self.engine
         t0 = time.monotonic()
-        self.state, out = eng.generate(eng.params, self.state, n_steps=eng.max_compile_tokens)
+        lps = None
+        if any(s is not None and s.handle.sampling.logprobs is not None for s in self.slots):
+            self.state, out, lps = eng.generate_logprobs(eng.params, self.state, n_steps=eng.max_compile_tokens)
+            lps = jax.device_get(lps)
+        else:
+            self.state, out = eng.generate(eng.params, self.state, n_steps=eng.max_compile_tokens)
         out, active = np.asarray(out), np.asarray(self.state.active)
         self.steps += 1
         n_tokens = 0
         for i, s in enumerate(self.slots):
             if s is None:
                 continue
-            ids = [int(t) for t in out[i] if t >= 0]
+            steps = [j for j, t in enumerate(out[i]) if t >= 0]
+            ids = [int(out[i, j]) for j in steps]
             n_tokens += len(ids)
-            self._deliver(i, ids, finished=not active[i])
+            n_top = s.handle.sampling.logprobs
+            scores = token_scores(lps, i, steps, ids, n_top) if n_top is not None else None
+            self._deliver(i, ids, finished=not active[i], scores=scores)
         if self.metrics and n_tokens:
             self.metrics.inter_token.observe((time.monotonic() - t0) / max(1, out.shape[1]))
         # rows whose request ended on the host (stop string, disconnect, timeout)
@@ -211,7 +252,8 @@ class Scheduler:
         if stale:
             self.state = self.state.replace(active=self.state.active.at[jnp.asarray(stale)].set(False))
 
-    def _deliver(self, slot: int, ids: list[int], finished: bool) -> None:
+    def _deliver(self, slot: int, ids: list[int], finished: bool, scores: list[TokenScore] | None = None,
+                 prompt_scores: list[TokenScore] | None = None) -> None:
         s = self.slots[slot]
         h = s.handle
         delta = []
@@ -220,6 +262,8 @@ class Scheduler:
             h.completion_tokens += 1
             if s.text.stopped:
                 break
+        if scores is not None:
+            scores = scores[:len(delta)]
         text = "".join(delta)
         if self.metrics:
             self.metrics.tokens.inc(len(ids))
@@ -233,7 +277,8 @@ class Scheduler:
         elif finished:
             text += s.text.finish()
             reason = self.engine.finish_reason(len(h.prompt_ids), h.completion_tokens, h.sampling.max_new_tokens)
-        h.put(Event(text=text, token_ids=ids, finish_reason=reason))
+        h.put(Event(text=text, token_ids=ids[:len(delta)], finish_reason=reason, logprobs=scores,
+                    prompt_logprobs=prompt_scores))
         if reason is not None:
             self.slots[slot] = None
             if self.metrics:

@@ -171,8 +171,17 @@ class JAXServer:
     def params_devices(self):
         return sorted({d for x in jax.tree_util.tree_leaves(self.params) for d in x.devices()}, key=str)
 
-    def encode_prompt(self, text: str, max_new_tokens: int, truncate: bool = False) -> list[int]:
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def encode_prompt(self, prompt: str | list[int], max_new_tokens: int, truncate: bool = False) -> list[int]:
+        """Token ids of a text prompt, or a token-id prompt (OpenAI allows both) checked against the
+        vocabulary; either must leave room in max_length."""
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        else:
+            ids = [int(t) for t in prompt]
+            vocab = self.model.config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise PromptError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         if not ids:
             raise PromptError("the prompt is empty after tokenization")
         limit = self.config.max_length - 1

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from easympt.cache import KVCache
-from easympt.generation.sampling import NO_STOP, SamplingConfig, SamplingRows, sample
+from easympt.generation.sampling import (MAX_LOGPROBS, NO_STOP, SamplingConfig, SamplingRows, TokenLogprobs, sample,
+                                        token_logprobs)
 from easympt.model import FlaxMptForCausalLM, unwrap_params
 
 
@@ -32,6 +33,10 @@ class Prefix:
     rows: SamplingRows
     max_new: jax.Array  # [n]
     stop_ids: jax.Array  # [n, NS]
+    # with_logprobs only: the first token's, and each prompt token's given the tokens before it
+    # ([n, P]; a row's first real token has none: its entry is meaningless)
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: TokenLogprobs | None = None
 
 
 @flax.struct.dataclass
@@ -87,24 +92,36 @@ class GenerationEngine:
         self.max_compile_tokens = int(max_compile_tokens)
         self.buckets = prefill_buckets(self.max_compile_tokens, self.max_length)
         self.stop_slots = stop_slots
-        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len",))
+        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "with_logprobs"))
         self.insert = jax.jit(self._insert, donate_argnums=(1,))
-        self.generate = jax.jit(self._generate, static_argnames=("n_steps",), donate_argnums=(1,))
+        # one compiled decode loop without log-probabilities (the common case) and one with
+        self.generate = jax.jit(lambda params, state, n_steps: self._generate(params, state, n_steps)[:2],
+                                static_argnames=("n_steps",), donate_argnums=(1,))
+        self.generate_logprobs = jax.jit(lambda params, state, n_steps: self._generate(params, state, n_steps, True),
+                                         static_argnames=("n_steps",), donate_argnums=(1,))
         self.start = jax.jit(self._start)
 
     # ------------------------------------------------------------ device side
     def _forward(self, params, tokens, mask, cache, logits_slice=None):
         return self.model.module.apply({"params": params}, tokens, mask, cache, None, None, True, logits_slice)
 
-    def _prefill(self, params, tokens, mask, rows: SamplingRows, max_new, stop_ids, cache_len: int) -> Prefix:
-        """tokens/mask [n, P], left padded; the last column is every row's last prompt token."""
+    def _prefill(self, params, tokens, mask, rows: SamplingRows, max_new, stop_ids, cache_len: int,
+                 with_logprobs: bool = False) -> Prefix:
+        """tokens/mask [n, P], left padded; the last column is every row's last prompt token.
+        `with_logprobs` keeps every position's logits of this same pass to score the prompt."""
         n, P = tokens.shape
         cache = KVCache.zeros(self.config, n, cache_len, self.model.dtype)
-        logits, cache = self._forward(params, tokens, mask, cache, logits_slice=(P - 1, 1))
+        logits, cache = self._forward(params, tokens, mask, cache, logits_slice=None if with_logprobs else (P - 1, 1))
+        last = logits[:, -1]
         seen = jnp.zeros((n, self.config.vocab_size), bool)
         seen = jax.vmap(lambda s, t, m: s.at[t].max(m))(seen, tokens, mask.astype(bool))
-        token = sample(logits[:, 0], rows, jnp.zeros((n,), jnp.int32), seen)
-        return Prefix(cache, token, seen, rows, max_new, stop_ids)
+        token = sample(last, rows, jnp.zeros((n,), jnp.int32), seen)
+        prefix = Prefix(cache, token, seen, rows, max_new, stop_ids)
+        if not with_logprobs:
+            return prefix
+        # position t scores token t from the logits at t - 1
+        prompt = token_logprobs(jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1), tokens)
+        return prefix.replace(logprobs=token_logprobs(last, token), prompt_logprobs=prompt)
 
     def _start(self, prefix: Prefix, capacity: int | None = None) -> DecodeState:
         """Decode rows from a prefix; `capacity` is the length of the cache they will decode in."""
@@ -119,6 +136,7 @@ class GenerationEngine:
 
     def _insert(self, prefix: Prefix, state: DecodeState, slots) -> DecodeState:
         """Rows `slots` [n] of `state` take the prefilled prompts; other rows are untouched."""
+        prefix = prefix.replace(logprobs=None, prompt_logprobs=None)  # host-side results; one compiled insert
         c = state.cache
         new = self._start(prefix, capacity=c.max_length)
         P = prefix.cache.max_length
@@ -144,17 +162,22 @@ class GenerationEngine:
             seen=state.seen.at[slots].set(new.seen),
             rows=rows)
 
-    def _generate(self, params, state: DecodeState, n_steps: int):
-        """Up to n_steps decode steps; tokens [B, n_steps] (-1 where a row emitted nothing)."""
+    def _generate(self, params, state: DecodeState, n_steps: int, with_logprobs: bool = False):
+        """Up to n_steps decode steps; tokens [B, n_steps] (-1 where a row emitted nothing), and with
+        `with_logprobs` their TokenLogprobs [B, n_steps]."""
         B = state.token.shape[0]
         out = jnp.full((B, n_steps), -1, jnp.int32)
+        lps = None
+        if with_logprobs:
+            lps = TokenLogprobs(jnp.zeros((B, n_steps), jnp.float32), jnp.zeros((B, n_steps, MAX_LOGPROBS), jnp.int32),
+                                jnp.zeros((B, n_steps, MAX_LOGPROBS), jnp.float32))
 
         def cond(carry):
-            i, st, _ = carry
+            i, st, *_ = carry
             return (i < n_steps) & jnp.any(st.active)
 
         def body(carry):
-            i, st, out = carry
+            i, st, out, lps = carry
             logits, cache = self._forward(params, st.token[:, None], st.active[:, None], st.cache)
             # inactive rows wrote nothing valid; keep their write position
             cache = cache.replace(index=jnp.where(st.active, cache.index, st.cache.index))
@@ -165,12 +188,15 @@ class GenerationEngine:
             done = stopped | (n_new >= st.max_new) | (cache.index >= cache.max_length)
             seen = st.seen | (jax.nn.one_hot(token, self.config.vocab_size, dtype=bool) & emit[:, None])
             out = out.at[:, i].set(jnp.where(emit, token, -1))
+            if lps is not None:
+                step = token_logprobs(logits[:, 0], token)
+                lps = jax.tree_util.tree_map(lambda buf, x: buf.at[:, i].set(x), lps, step)
             st = st.replace(cache=cache, token=jnp.where(st.active, token, st.token),
                             active=st.active & ~done, n_new=n_new, seen=seen)
-            return i + 1, st, out
+            return i + 1, st, out, lps
 
-        _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
-        return state, out
+        _, state, out, lps = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out, lps))
+        return state, out, lps
 
     # -------------------------------------------------------------- host side
     def empty_state(self, batch_size: int, cache_len: int | None = None) -> DecodeState:
@@ -213,11 +239,13 @@ class GenerationEngine:
 
     def prefill_batch(self, prompts: list[list[int]], configs: list[SamplingConfig], eos_ids=(),
                       cache_len: int | None = None) -> Prefix:
+        """Prefill left-padded prompts; with log-probabilities when any config asks for them."""
         tokens, mask = self.pad_prompts(prompts)
         P = tokens.shape[1]
         max_new = jnp.asarray([c.max_new_tokens for c in configs], jnp.int32)
         return self.prefill(self.params, tokens, mask, SamplingRows.from_configs(configs), max_new,
-                            self.stop_table(configs, eos_ids), cache_len=cache_len or P)
+                            self.stop_table(configs, eos_ids), cache_len=cache_len or P,
+                            with_logprobs=any(c.wants_logprobs for c in configs))
 
     def finish_reason(self, prompt_len: int, n_emitted: int, max_new_tokens: int) -> str:
         """Why a row that the device deactivated ended: 'length' (max_new_tokens or

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 NO_STOP = -1  # padding in the per-row stop-id table
+MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's completions API allows
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class SamplingConfig:
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    logprobs: int | None = None  # report each generated token's log-probability and this many alternatives
+    prompt_logprobs: bool = False  # also the prompt's (OpenAI `echo`); then max_new_tokens may be 0
 
     def __post_init__(self):
         if not (self.temperature >= 0):
@@ -42,8 +45,11 @@ class SamplingConfig:
             raise ValueError(f"min_p must lie in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < (0 if self.prompt_logprobs else 1):
+            raise ValueError(f"max_new_tokens must be >= 1 (0 only when scoring the prompt), got "
+                             f"{self.max_new_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must lie in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}")
         if isinstance(self.stop, str):
@@ -56,6 +62,10 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None or self.prompt_logprobs
 
 
 @flax.struct.dataclass
@@ -81,6 +91,24 @@ class SamplingRows:
             repetition_penalty=jnp.asarray([c.repetition_penalty for c in configs], jnp.float32),
             key=jnp.asarray(keys, jnp.uint32),
         )
+
+
+@flax.struct.dataclass
+class TokenLogprobs:
+    """Log-probabilities of chosen tokens under the model's own distribution (the log-softmax of
+    its logits, before repetition penalty, temperature, top-k/p), with the MAX_LOGPROBS likeliest."""
+
+    chosen: jax.Array  # [...]
+    top_ids: jax.Array  # [..., MAX_LOGPROBS]
+    top: jax.Array  # [..., MAX_LOGPROBS]
+
+
+def token_logprobs(logits, tokens) -> TokenLogprobs:
+    """logits [..., V], tokens [...] -> TokenLogprobs [...]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    top, top_ids = jax.lax.top_k(logp, MAX_LOGPROBS)
+    return TokenLogprobs(chosen, top_ids.astype(jnp.int32), top)
 
 
 def apply_repetition_penalty(logits, seen, penalty):
