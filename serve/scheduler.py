@@ -41,11 +41,11 @@ class TokenScore:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
-def token_scores(lp, row: int, positions, token_ids, n_top: int) -> list[TokenScore]:
+def token_scores(lp, row: int, positions, n_top: int) -> list[TokenScore]:
     """TokenScores of host-side TokenLogprobs `lp` at lp[row, positions]."""
-    return [TokenScore(int(t), float(lp.chosen[row, p]),
+    return [TokenScore(int(lp.token_ids[row, p]), float(lp.chosen[row, p]),
                        [(int(i), float(v)) for i, v in zip(lp.top_ids[row, p, :n_top], lp.top[row, p, :n_top])])
-            for p, t in zip(positions, token_ids)]
+            for p in positions]
 
 
 @dataclass
@@ -203,12 +203,12 @@ class Scheduler:
         first_score = prompt_scores = None
         if sampling.wants_logprobs:  # scored by this same prefill pass
             lp, plp = jax.device_get((prefix.logprobs, prefix.prompt_logprobs))
-            first_score = token_scores(jax.tree_util.tree_map(lambda x: x[:, None], lp), 0, [0], [first],
-                                       sampling.logprobs or 0)
+            first_score = token_scores(jax.tree_util.tree_map(lambda x: x[:, None], lp), 0, [0],
+                                       sampling.logprobs or 0)[0]
             if sampling.prompt_logprobs:
                 P = plp.chosen.shape[1]
-                prompt_scores = [TokenScore(ids[0], None)] + token_scores(
-                    plp, 0, range(P - len(ids) + 1, P), ids[1:], sampling.logprobs or 0)
+                prompt_scores = [TokenScore(ids[0], None)] + token_scores(plp, 0, range(P - len(ids) + 1, P),
+                                                                          sampling.logprobs or 0)
         handle.first_token_at = time.monotonic()
         if self.metrics:
             self.metrics.ttft.observe(handle.first_token_at - handle.created)
@@ -220,9 +220,8 @@ class Scheduler:
         self.slots[slot] = _Slot(handle, IncrementalText(self.tokenizer, sampling.stop))
         active = bool(np.asarray(self.state.active)[slot])
         n_new = int(np.asarray(self.state.n_new)[slot])
-        self._deliver(slot, [first] if n_new else [], finished=not active,
-                      scores=first_score if n_new and sampling.logprobs is not None else None,
-                      prompt_scores=prompt_scores)
+        scores = None if sampling.logprobs is None else [first_score]
+        self._deliver(slot, [first] if n_new else [], finished=not active, scores=scores, prompt_scores=prompt_scores)
 
     def _decode(self) -> None:
         eng = self.engine
@@ -243,7 +242,9 @@ class Scheduler:
             ids = [int(out[i, j]) for j in steps]
             n_tokens += len(ids)
             n_top = s.handle.sampling.logprobs
-            scores = token_scores(lps, i, steps, ids, n_top) if n_top is not None else None
+            scores = None
+            if n_top is not None:  # one step past the emitted ones: the stop token, if the row stopped on one
+                scores = token_scores(lps, i, range(min(len(steps) + 1, out.shape[1])), n_top)
             self._deliver(i, ids, finished=not active[i], scores=scores)
         if self.metrics and n_tokens:
             self.metrics.inter_token.observe((time.monotonic() - t0) / max(1, out.shape[1]))
@@ -263,7 +264,14 @@ class Scheduler:
             if s.text.stopped:
                 break
         if scores is not None:
-            scores = scores[:len(delta)]
+            # the tokens shown, and a stop token that ended the row (OpenAI and vLLM report it, and
+            # evaluation harnesses count on one scored token per generated one)
+            stop_ids = set(self.eos_ids) | set(h.sampling.stop_token_ids)
+            ended_on_stop = (finished and not s.text.stopped and len(scores) > len(delta)
+                             and scores[len(delta)].token_id in stop_ids
+                             and self.engine.finish_reason(len(h.prompt_ids), h.completion_tokens,
+                                                           h.sampling.max_new_tokens) == "stop")
+            scores = scores[:len(delta) + ended_on_stop]
         text = "".join(delta)
         if self.metrics:
             self.metrics.tokens.inc(len(ids))

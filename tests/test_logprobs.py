@@ -130,3 +130,47 @@ def test_bad_logprob_requests_are_a_named_400(client, body, needle):
 def test_chat_top_logprobs_needs_logprobs(client):
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})
     assert r.status_code == 400 and "top_logprobs" in r.json()["error"]["message"]
+
+
+def test_a_stop_token_is_scored_but_not_shown(server, client):
+    """As OpenAI and vLLM: a reply that ends on EOS reports the EOS token's log-probability (lm-eval's
+    echo + max_tokens 1 requests count on exactly one scored token past the prompt)."""
+    ids = server.tokenizer("x = 1", add_special_tokens=False)["input_ids"]
+    first = int(np.argmax(model_logprobs(server, ids)[-1]))
+    r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1,
+                                             "temperature": 0, "stop_token_ids": [first]} )
+    assert r.status_code == 400  # stop_token_ids is not an OpenAI field: refused by name
+    scheduler = server.scheduler
+    saved = scheduler.eos_ids
+    scheduler.eos_ids = saved + (first,)  # make the greedy next token a stop token
+    try:
+        r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1,
+                                                 "temperature": 0})
+    finally:
+        scheduler.eos_ids = saved
+    choice = r.json()["choices"][0]
+    assert choice["text"] == server.tokenizer.decode(ids) and choice["finish_reason"] == "stop"
+    lp = choice["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 1
+    assert lp["token_logprobs"][-1] == pytest.approx(model_logprobs(server, ids)[-1, first], abs=1e-4)
+
+
+def test_a_stop_token_met_while_decoding_is_scored_too(server, client):
+    for text in ("def f(x):", "import os", "class A:", "x = [1, 2", "while True:", "return self."):
+        ids = server.tokenizer(text, add_special_tokens=False)["input_ids"]
+        greedy = []
+        for _ in range(3):
+            greedy.append(int(np.argmax(model_logprobs(server, ids + greedy)[-1])))
+        if greedy[2] not in greedy[:2]:
+            break
+    else:
+        pytest.skip("every prompt's third greedy token repeats an earlier one")
+    saved = server.scheduler.eos_ids
+    server.scheduler.eos_ids = saved + (greedy[2],)
+    try:
+        r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 8, "logprobs": 0, "temperature": 0})
+    finally:
+        server.scheduler.eos_ids = saved
+    lp = r.json()["choices"][0]["logprobs"]
+    assert r.json()["usage"]["completion_tokens"] == 2 and len(lp["token_logprobs"]) == 3
+    assert lp["tokens"][-1] == server.tokenizer.decode([greedy[2]])

@@ -169,7 +169,8 @@ class GenerationEngine:
         out = jnp.full((B, n_steps), -1, jnp.int32)
         lps = None
         if with_logprobs:
-            lps = TokenLogprobs(jnp.zeros((B, n_steps), jnp.float32), jnp.zeros((B, n_steps, MAX_LOGPROBS), jnp.int32),
+            lps = TokenLogprobs(jnp.zeros((B, n_steps), jnp.int32), jnp.zeros((B, n_steps), jnp.float32),
+                                jnp.zeros((B, n_steps, MAX_LOGPROBS), jnp.int32),
                                 jnp.zeros((B, n_steps, MAX_LOGPROBS), jnp.float32))
 
         def cond(carry):

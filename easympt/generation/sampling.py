@@ -98,6 +98,7 @@ class TokenLogprobs:
     """Log-probabilities of chosen tokens under the model's own distribution (the log-softmax of
     its logits, before repetition penalty, temperature, top-k/p), with the MAX_LOGPROBS likeliest."""
 
+    token_ids: jax.Array  # [...] the chosen tokens (a stop token too, which is never emitted as text)
     chosen: jax.Array  # [...]
     top_ids: jax.Array  # [..., MAX_LOGPROBS]
     top: jax.Array  # [..., MAX_LOGPROBS]
@@ -106,9 +107,10 @@ class TokenLogprobs:
 def token_logprobs(logits, tokens) -> TokenLogprobs:
     """logits [..., V], tokens [...] -> TokenLogprobs [...]."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    chosen = jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    tokens = tokens.astype(jnp.int32)
+    chosen = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
     top, top_ids = jax.lax.top_k(logp, MAX_LOGPROBS)
-    return TokenLogprobs(chosen, top_ids.astype(jnp.int32), top)
+    return TokenLogprobs(tokens, chosen, top_ids.astype(jnp.int32), top)
 
 
 def apply_repetition_penalty(logits, seen, penalty):
