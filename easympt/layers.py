@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from easympt.attention import AttentionMask, attend
 from easympt.cache import write_rows
 from easympt.config import MptConfig
 from easympt.sharding import constrain
@@ -31,36 +32,6 @@ def alibi_slopes(n_heads: int, alibi_bias_max: float = 8) -> np.ndarray:
     if n != n_heads:
         slopes = np.concatenate([slopes[1::2], slopes[::2]])[:n_heads]
     return slopes.astype(np.float32)
-
-
-def alibi_bias(slopes: jax.Array, q_slots: jax.Array, k_slots: jax.Array) -> jax.Array:
-    """-slope * |q - k|: [B, H, T, S] from slopes [H], q_slots [B, T], k_slots [S].
-
-    Causal rows only see k <= q, where this is llm-foundry's bias up to a
-    per-row constant (softmax ignores it); prefix-LM rows need the symmetric
-    form, which llm-foundry builds with `full=True`.
-    """
-    dist = jnp.abs(q_slots[:, :, None] - k_slots[None, None, :]).astype(jnp.float32)
-    return -slopes[None, :, None, None] * dist[:, None]
-
-
-def attention_allowed(q_slots, k_slots, key_valid, *, causal: bool, key_prefix=None,
-                   q_sequence_id=None, k_sequence_id=None) -> jax.Array:
-    """Which key slots each query may attend: [B, 1, T, S] bool.
-
-    q_slots [B, T], k_slots [S], key_valid [B, S]. `key_prefix` [B, S] marks
-    prefix-LM keys that every query of the row may see; sequence ids [B, T] /
-    [B, S] keep packed documents apart.
-    """
-    allowed = key_valid[:, None, :]
-    if causal or key_prefix is not None:
-        order = k_slots[None, None, :] <= q_slots[:, :, None]
-        if key_prefix is not None:
-            order = order | key_prefix[:, None, :]
-        allowed = allowed & order
-    if q_sequence_id is not None:
-        allowed = allowed & (q_sequence_id[:, :, None] == k_sequence_id[:, None, :])
-    return allowed[:, None]
 
 
 # ----------------------------------------------------------------------- init
@@ -163,17 +134,16 @@ class MptModule(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     precision: jax.lax.Precision | None = None
     mesh: jax.sharding.Mesh | None = None
+    attention: str = "auto"  # attention kernel: "auto" (by shape), "dense" or "blockwise" (easympt.attention)
 
 
 # ------------------------------------------------------------------- attention
 class MptAttention(MptModule):
 
     @nn.compact
-    def __call__(self, x, mask, slots, layer_cache=None, write_index=None, deterministic=True):
-        """x [B, T, E]; mask [B, 1, T, S]; slots (q_slots [B, T], k_slots [S]) for ALiBi.
+    def __call__(self, x, mask: AttentionMask, layer_cache=None, write_index=None, deterministic=True):
+        """x [B, T, E]; mask: which key slots each query sees, and their positions (for ALiBi).
 
-        The ALiBi bias is built here, next to the scores, so XLA fuses it
-        instead of keeping a [B, H, T, S] tensor alive across layers.
         layer_cache: (keys, values) buffers [B, K, S, D] to write the new keys
         into at `write_index` [B]; returns (out [B, T, E], new layer_cache).
         """
@@ -205,17 +175,13 @@ class MptAttention(MptModule):
             layer_cache = (k, v)
 
         scale = c.attn_config.softmax_scale or 1.0 / math.sqrt(D)
-        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(q.dtype), precision=self.precision,
-                            preferred_element_type=jnp.float32) * scale
-        S = scores.shape[-1]
+        slopes = None
         if c.attn_config.alibi:
-            slopes = jnp.asarray(alibi_slopes(H, c.attn_config.alibi_bias_max))
-            scores = scores + alibi_bias(slopes, *slots).reshape(B, K, H // K, T, S)
-        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+            slopes = jnp.asarray(alibi_slopes(H, c.attn_config.alibi_bias_max)).reshape(K, H // K)
+        dropout = None
         if c.attn_config.attn_pdrop and not deterministic:
-            probs = nn.Dropout(c.attn_config.attn_pdrop)(probs, deterministic=False)
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(self.dtype), precision=self.precision)
+            dropout = lambda p: nn.Dropout(c.attn_config.attn_pdrop)(p, deterministic=False)  # noqa: E731
+        out = attend(q, k, v, mask, slopes, scale, self.precision, self.dtype, dropout, impl=self.attention)
         out = constrain(out.reshape(B, T, H * D), self.mesh, ("batch", "length", "heads"))
         return dense(c.d_model, "out_proj", residual_init)(out), layer_cache
 

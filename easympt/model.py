@@ -16,21 +16,21 @@ import optax
 from easympt.cache import KVCache, write_rows
 from easympt.config import MptConfig
 from easympt.dtypes import default_compute_dtype, resolve_dtype
-from easympt.layers import (FlatDense, MptAttention, MptFFN, MptModule, attention_allowed, flat_tokens,
-                            initializers, make_norm)
+from easympt.attention import AttentionMask
+from easympt.layers import FlatDense, MptAttention, MptFFN, MptModule, flat_tokens, initializers, make_norm
 from easympt.sharding import constrain
 
 
 class MptBlock(MptModule):
 
     @nn.compact
-    def __call__(self, x, mask, slots, layer_cache=None, write_index=None, deterministic=True):
+    def __call__(self, x, mask: AttentionMask, layer_cache=None, write_index=None, deterministic=True):
         c = self.config
         sub = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                   mesh=self.mesh)
+                   mesh=self.mesh, attention=self.attention)
         h, layer_cache = MptAttention(**sub, name="attn")(
-            make_norm(c, "norm_1", self.dtype, self.param_dtype)(x), mask, slots, layer_cache,
-            write_index, deterministic)
+            make_norm(c, "norm_1", self.dtype, self.param_dtype)(x), mask, layer_cache, write_index,
+            deterministic)
         x = x + nn.Dropout(c.resid_pdrop)(h, deterministic=deterministic or not c.resid_pdrop)
         h = MptFFN(**sub, name="ffn")(make_norm(c, "norm_2", self.dtype, self.param_dtype)(x))
         x = x + nn.Dropout(c.resid_pdrop)(h, deterministic=deterministic or not c.resid_pdrop)
@@ -54,9 +54,9 @@ class MptTransformer(MptModule):
         if c.uses_learned_pos_emb:
             self.wpe = nn.Embed(c.max_seq_len, c.d_model, embedding_init=emb_init, dtype=self.dtype,
                                 param_dtype=self.param_dtype)
-        # argument 6 (self is 0) is `deterministic`, a Python bool
-        block = nn.remat(MptBlock, static_argnums=(6,)) if self.remat else MptBlock
-        self.blocks = [block(c, self.dtype, self.param_dtype, self.precision, self.mesh)
+        # argument 5 (self is 0) is `deterministic`, a Python bool
+        block = nn.remat(MptBlock, static_argnums=(5,)) if self.remat else MptBlock
+        self.blocks = [block(c, self.dtype, self.param_dtype, self.precision, self.mesh, self.attention)
                        for _ in range(c.n_layers)]
         self.norm_f = make_norm(c, None, self.dtype, self.param_dtype)
         self.emb_drop = nn.Dropout(c.emb_pdrop)
@@ -97,13 +97,12 @@ class MptTransformer(MptModule):
             key_valid = write_rows(cache.key_valid, mask, index)
             key_prefix = None if prefix is None else write_rows(jnp.zeros_like(key_valid), prefix, index)
         q_slots = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-        allowed = attention_allowed(q_slots, k_slots, key_valid, causal=c.causal, key_prefix=key_prefix,
-                                    q_sequence_id=sequence_id, k_sequence_id=sequence_id)
+        attn_mask = AttentionMask(q_slots, k_slots, key_valid, key_prefix, sequence_id, sequence_id, causal=c.causal)
 
         keys, values = [], []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_cache = block(x, allowed, (q_slots, k_slots), layer_cache, index, deterministic)
+            x, layer_cache = block(x, attn_mask, layer_cache, index, deterministic)
             if layer_cache is not None:
                 keys.append(layer_cache[0])
                 values.append(layer_cache[1])
@@ -123,7 +122,8 @@ class MptTaskModule(MptModule):
     remat: bool = False
 
     def make_trunk(self) -> MptTransformer:
-        return MptTransformer(self.config, self.dtype, self.param_dtype, self.precision, self.mesh, self.remat)
+        return MptTransformer(self.config, self.dtype, self.param_dtype, self.precision, self.mesh, self.attention,
+                              remat=self.remat)
 
     def dense(self, features: int, use_bias: bool) -> nn.Dense:
         kernel_init, _, _ = initializers(self.config)
@@ -181,12 +181,17 @@ class FlaxMptPreTrainedModel:
     architecture: str = ""
 
     def __init__(self, config: MptConfig, dtype=None, param_dtype=jnp.float32, precision=None,
-                 _do_init: bool = True, input_shape=(1, 1), seed: int = 0, mesh=None, remat: bool = False):
+                 _do_init: bool = True, input_shape=(1, 1), seed: int = 0, mesh=None, remat: bool = False,
+                 attention: str = "auto"):
+        """attention: "auto" (dense for short inputs, blockwise for long), "dense" or "blockwise"."""
+        if attention not in ("auto", "dense", "blockwise"):
+            raise ValueError(f"attention {attention!r} is not one of auto, dense, blockwise")
         self.config = config
         self.dtype = resolve_dtype(dtype) or default_compute_dtype()
         self.param_dtype = resolve_dtype(param_dtype)
         self.input_shape = tuple(input_shape)
-        self.module = self.module_class(config, self.dtype, self.param_dtype, precision, mesh, remat)
+        self.module = self.module_class(config, self.dtype, self.param_dtype, precision, mesh, attention,
+                                        remat=remat)
         self._forward = jax.jit(self._apply, static_argnames=("deterministic",))
         self.params = self.init_weights(jax.random.PRNGKey(seed), self.input_shape) if _do_init else None
 

@@ -1,0 +1,252 @@
+"""Attention kernels: dense for short inputs, blockwise (flash-attention style) for long ones.
+
+Shapes: B batch, K kv heads, G query heads per kv head, T queries, S key slots, D head dim.
+q [B, K, G, T, D]; k, v [B, K, S, D]; out [B, T, K, G, D].
+
+Masks and the ALiBi bias are never materialised as [T, S]: `AttentionMask` keeps what decides
+them per token (slot positions, validity, prefix and sequence ids, O(T + S)), and each kernel
+builds the [tq, tk] piece it needs. The blockwise kernel runs an online softmax over key blocks
+for one query block at a time, so its temporaries are O(tq * tk) whatever T and S are; with a
+causal mask it visits only the key blocks at or before a query block's last slot (in decode: only
+the cache blocks a row has filled). Its backward pass is the flash-attention one (custom VJP):
+probabilities are recomputed block by block from the saved log-sum-exp, never stored.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NEG = float(jnp.finfo(jnp.float32).min)  # the score of a masked slot (as transformers and the dense path use)
+
+# T * S at or above which the blockwise kernel is used (measured crossover on CPU: see README)
+BLOCKWISE_MIN_SCORES = 1 << 21
+Q_BLOCK, K_BLOCK = 512, 512
+
+
+@flax.struct.dataclass
+class AttentionMask:
+    """Which key slots each query may attend, kept per token rather than per pair.
+
+    q_slots [B, T] and k_slots [S] are absolute positions (ALiBi distances and causality);
+    key_valid [B, S] marks real keys; key_prefix [B, S] marks prefix-LM keys every query of its
+    row may see; q_segment [B, T] / k_segment [B, S] keep packed documents apart.
+    """
+
+    q_slots: jax.Array
+    k_slots: jax.Array
+    key_valid: jax.Array
+    key_prefix: jax.Array | None = None
+    q_segment: jax.Array | None = None
+    k_segment: jax.Array | None = None
+    causal: bool = flax.struct.field(pytree_node=False, default=True)
+
+    def allowed(self, q: slice | tuple = (None, None), k: slice | tuple = (None, None)) -> jax.Array:
+        """[B, 1, tq, tk] bool for queries q = (start, size) and keys k = (start, size) (None: all)."""
+        qs = _take(self.q_slots, q, axis=1)
+        ks = _take(self.k_slots, k, axis=0)
+        allowed = _take(self.key_valid, k, axis=1)[:, None, :]
+        if self.causal or self.key_prefix is not None:
+            order = ks[None, None, :] <= qs[:, :, None]
+            if self.key_prefix is not None:
+                order = order | _take(self.key_prefix, k, axis=1)[:, None, :]
+            allowed = allowed & order
+        if self.q_segment is not None:
+            allowed = allowed & (_take(self.q_segment, q, axis=1)[:, :, None]
+                                 == _take(self.k_segment, k, axis=1)[:, None, :])
+        return allowed[:, None]
+
+    def distance(self, q=(None, None), k=(None, None)) -> jax.Array:
+        """|q_slot - k_slot| as float32 [B, tq, tk]: ALiBi's distance."""
+        qs = _take(self.q_slots, q, axis=1)
+        ks = _take(self.k_slots, k, axis=0)
+        return jnp.abs(qs[:, :, None] - ks[None, None, :]).astype(jnp.float32)
+
+
+def _take(x, window, axis):
+    start, size = window
+    if start is None:
+        return x
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def _scores(q, k, mask: AttentionMask, slopes, scale, qw, kw, precision):
+    """Masked, biased scores of one block: q [B, K, G, tq, D], k [B, K, tk, D] -> [B, K, G, tq, tk] f32."""
+    s = jnp.einsum("bkgqd,bksd->bkgqs", q, k.astype(q.dtype), precision=precision,
+                   preferred_element_type=jnp.float32) * scale
+    if slopes is not None:  # slopes [K, G]
+        s = s - slopes[None, :, :, None, None] * mask.distance(qw, kw)[:, None, None]
+    return jnp.where(mask.allowed(qw, kw)[:, :, None], s, NEG)
+
+
+def dense_attention(q, k, v, mask: AttentionMask, slopes, scale, precision=None, dtype=jnp.float32,
+                    dropout=None):
+    """The whole [T, S] score matrix at once: fastest for short inputs. `dropout(probs)` is applied
+    to the probabilities when given (training with attn_pdrop)."""
+    s = _scores(q, k, mask, slopes, scale, (None, None), (None, None), precision)
+    probs = jax.nn.softmax(s, axis=-1).astype(dtype)
+    if dropout is not None:
+        probs = dropout(probs)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dtype), precision=precision)
+
+
+# ------------------------------------------------------------------ blockwise
+def _pad_to(x, n, axis, value=0):
+    extra = n - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _blocks_to_visit(mask: AttentionMask, q_start, tq, tk, n_kb):
+    """Key blocks a query block needs: with a causal mask (no prefix), only those starting at or
+    before the block's last query slot, over the batch; otherwise all of them."""
+    if not mask.causal or mask.key_prefix is not None:
+        return n_kb
+    last = jnp.max(jax.lax.dynamic_slice_in_dim(mask.q_slots, q_start, tq, axis=1))
+    first_slot = mask.k_slots[0]
+    return jnp.clip((last - first_slot) // tk + 1, 1, n_kb)
+
+
+def _forward(q, k, v, mask, slopes, scale, tq, tk, precision):
+    """out [B, K, G, T, D] (float32) and log-sum-exp [B, K, G, T]; T, S multiples of tq, tk."""
+    B, K, G, T, D = q.shape
+    n_kb = k.shape[2] // tk
+
+    def q_block(qi):
+        qs = qi * tq
+        qb = jax.lax.dynamic_slice_in_dim(q, qs, tq, axis=3)
+
+        def step(j, carry):
+            m, l, acc = carry
+            ks = j * tk
+            kb = jax.lax.dynamic_slice_in_dim(k, ks, tk, axis=2)
+            vb = jax.lax.dynamic_slice_in_dim(v, ks, tk, axis=2)
+            s = _scores(qb, kb, mask, slopes, scale, (qs, tq), (ks, tk), precision)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            l = l * corr + p.sum(-1)
+            acc = acc * corr[..., None] + jnp.einsum("bkgqs,bksd->bkgqd", p, vb.astype(jnp.float32),
+                                                     precision=precision)
+            return m_new, l, acc
+
+        init = (jnp.full((B, K, G, tq), NEG, jnp.float32), jnp.zeros((B, K, G, tq), jnp.float32),
+                jnp.zeros((B, K, G, tq, D), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(0, _blocks_to_visit(mask, qs, tq, tk, n_kb), step, init)
+        return acc / l[..., None], m + jnp.log(l)
+
+    out, lse = jax.lax.map(q_block, jnp.arange(T // tq))  # [nq, B, K, G, tq, (D)]
+    out = jnp.moveaxis(out, 0, 3).reshape(B, K, G, T, D)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(B, K, G, T)
+    return out, lse
+
+
+def _backward(q, k, v, mask, slopes, scale, tq, tk, precision, out, lse, dout):
+    """Flash-attention's backward: dq, dk, dv with probabilities recomputed per block."""
+    B, K, G, T, D = q.shape
+    n_kb = k.shape[2] // tk
+    delta = jnp.sum(dout * out, axis=-1)  # [B, K, G, T]
+
+    def q_block(qi, carry):
+        dk, dv, dq = carry
+        qs = qi * tq
+        qb = jax.lax.dynamic_slice_in_dim(q, qs, tq, axis=3)
+        dob = jax.lax.dynamic_slice_in_dim(dout, qs, tq, axis=3)
+        lse_b = jax.lax.dynamic_slice_in_dim(lse, qs, tq, axis=3)
+        delta_b = jax.lax.dynamic_slice_in_dim(delta, qs, tq, axis=3)
+
+        def step(j, inner):
+            dk, dv, dqb = inner
+            ks = j * tk
+            kb = jax.lax.dynamic_slice_in_dim(k, ks, tk, axis=2)
+            vb = jax.lax.dynamic_slice_in_dim(v, ks, tk, axis=2)
+            s = _scores(qb, kb, mask, slopes, scale, (qs, tq), (ks, tk), precision)
+            p = jnp.exp(s - lse_b[..., None])
+            dv_b = jnp.einsum("bkgqs,bkgqd->bksd", p, dob, precision=precision)
+            dp = jnp.einsum("bkgqd,bksd->bkgqs", dob, vb.astype(jnp.float32), precision=precision)
+            ds = p * (dp - delta_b[..., None]) * scale
+            dqb = dqb + jnp.einsum("bkgqs,bksd->bkgqd", ds, kb.astype(jnp.float32), precision=precision)
+            dk_b = jnp.einsum("bkgqs,bkgqd->bksd", ds, qb.astype(jnp.float32), precision=precision)
+            dk = jax.lax.dynamic_update_slice_in_dim(dk, jax.lax.dynamic_slice_in_dim(dk, ks, tk, 2) + dk_b, ks, 2)
+            dv = jax.lax.dynamic_update_slice_in_dim(dv, jax.lax.dynamic_slice_in_dim(dv, ks, tk, 2) + dv_b, ks, 2)
+            return dk, dv, dqb
+
+        dqb = jnp.zeros((B, K, G, tq, D), jnp.float32)
+        dk, dv, dqb = jax.lax.fori_loop(0, _blocks_to_visit(mask, qs, tq, tk, n_kb), step, (dk, dv, dqb))
+        return dk, dv, jax.lax.dynamic_update_slice_in_dim(dq, dqb, qs, axis=3)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv, dq = jax.lax.fori_loop(0, T // tq, q_block, (zeros, zeros, jnp.zeros(q.shape, jnp.float32)))
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _flash(q, k, v, mask, slopes, scale, tq, tk, precision):
+    return _forward(q, k, v, mask, slopes, scale, tq, tk, precision)[0]
+
+
+def _flash_fwd(q, k, v, mask, slopes, scale, tq, tk, precision):
+    out, lse = _forward(q, k, v, mask, slopes, scale, tq, tk, precision)
+    return out, (q, k, v, mask, slopes, out, lse)
+
+
+def _flash_bwd(scale, tq, tk, precision, res, dout):
+    q, k, v, mask, slopes, out, lse = res
+    dq, dk, dv = _backward(q, k, v, mask, slopes, scale, tq, tk, precision, out, lse, dout.astype(jnp.float32))
+    zero_mask = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, jax.dtypes.float0), mask)  # ints and bools
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_mask,
+            None if slopes is None else jnp.zeros_like(slopes))
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def blockwise_attention(q, k, v, mask: AttentionMask, slopes, scale, precision=None, dtype=jnp.float32,
+                        q_block: int = Q_BLOCK, k_block: int = K_BLOCK):
+    """Same result as dense_attention, in O(q_block * k_block) temporaries (no dropout)."""
+    B, K, G, T, D = q.shape
+    S = k.shape[2]
+    tq, tk = min(q_block, T), min(k_block, S)
+    Tp, Sp = _round_up(T, tq), _round_up(S, tk)
+    # padded queries are discarded; padded keys are invalid, and placed past every real slot
+    qpad = _pad_to(q, Tp, axis=3)
+    kpad, vpad = _pad_to(k, Sp, axis=2), _pad_to(v, Sp, axis=2)
+    last_q = mask.q_slots[:, -1:]
+    padded = mask.replace(
+        q_slots=jnp.concatenate([mask.q_slots, jnp.broadcast_to(last_q, (B, Tp - T))], axis=1),
+        k_slots=jnp.concatenate([mask.k_slots, mask.k_slots[-1] + 1 + jnp.arange(Sp - S, dtype=mask.k_slots.dtype)]),
+        key_valid=_pad_to(mask.key_valid, Sp, axis=1, value=False),
+        key_prefix=None if mask.key_prefix is None else _pad_to(mask.key_prefix, Sp, axis=1, value=False),
+        q_segment=None if mask.q_segment is None else _pad_to(mask.q_segment, Tp, axis=1, value=-1),
+        k_segment=None if mask.k_segment is None else _pad_to(mask.k_segment, Sp, axis=1, value=-2))
+    out = _flash(qpad, kpad, vpad, padded, slopes, float(scale), tq, tk, precision)
+    return jnp.moveaxis(out[:, :, :, :T], 3, 1).astype(dtype)  # [B, T, K, G, D]
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def use_blockwise(T: int, S: int, dropout: bool) -> bool:
+    """The blockwise kernel for long inputs (where [T, S] scores would dominate memory); dense below
+    the measured crossover, and whenever attention dropout is on (the blockwise kernel has none)."""
+    return not dropout and T * S >= BLOCKWISE_MIN_SCORES
+
+
+def attend(q, k, v, mask: AttentionMask, slopes, scale, precision=None, dtype=jnp.float32, dropout=None,
+           impl: str = "auto"):
+    """Dispatch by shape: impl "auto", "dense" or "blockwise"."""
+    if impl == "auto":
+        impl = "blockwise" if use_blockwise(q.shape[3], k.shape[2], dropout is not None) else "dense"
+    if impl == "blockwise":
+        if dropout is not None:
+            raise ValueError("the blockwise attention kernel has no attention dropout; use impl='dense'")
+        return blockwise_attention(q, k, v, mask, slopes, scale, precision, dtype)
+    return dense_attention(q, k, v, mask, slopes, scale, precision, dtype, dropout)
