@@ -23,8 +23,12 @@ import numpy as np
 
 NEG = float(jnp.finfo(jnp.float32).min)  # the score of a masked slot (as transformers and the dense path use)
 
-# T * S at or above which the blockwise kernel is used (measured crossover on CPU: see README)
-BLOCKWISE_MIN_SCORES = 1 << 21
+# When the blockwise kernel is used (measured on 2 CPU cores, mpt-125m heads; README "Long context"):
+# prefill / training from T * S = 1024 * 1024 (at 512 * 512 dense is faster, at 1024 * 1024 blockwise
+# 2.5x faster); decode (few queries) for one row from a 2048-slot cache, where it reads only the
+# blocks the row has filled (at batch 8 the per-block dispatch costs more than reading the rest).
+BLOCKWISE_MIN_SCORES = 1 << 20
+DECODE_QUERIES, BLOCKWISE_DECODE_MIN_SLOTS = 16, 2048
 Q_BLOCK, K_BLOCK = 512, 512
 
 
@@ -234,17 +238,21 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def use_blockwise(T: int, S: int, dropout: bool) -> bool:
+def use_blockwise(B: int, T: int, S: int, dropout: bool) -> bool:
     """The blockwise kernel for long inputs (where [T, S] scores would dominate memory); dense below
     the measured crossover, and whenever attention dropout is on (the blockwise kernel has none)."""
-    return not dropout and T * S >= BLOCKWISE_MIN_SCORES
+    if dropout:
+        return False
+    if T < DECODE_QUERIES:
+        return B == 1 and S >= BLOCKWISE_DECODE_MIN_SLOTS
+    return T * S >= BLOCKWISE_MIN_SCORES
 
 
 def attend(q, k, v, mask: AttentionMask, slopes, scale, precision=None, dtype=jnp.float32, dropout=None,
            impl: str = "auto"):
     """Dispatch by shape: impl "auto", "dense" or "blockwise"."""
     if impl == "auto":
-        impl = "blockwise" if use_blockwise(q.shape[3], k.shape[2], dropout is not None) else "dense"
+        impl = "blockwise" if use_blockwise(q.shape[0], q.shape[3], k.shape[2], dropout is not None) else "dense"
     if impl == "blockwise":
         if dropout is not None:
             raise ValueError("the blockwise attention kernel has no attention dropout; use impl='dense'")

@@ -136,6 +136,7 @@ def cmd_serve(args) -> int:
         print(f"no MODEL given: serving the bundled demo model at {source}", file=sys.stderr)
     overrides = {"host": args.host, "port": args.port, "max_length": args.max_length,
                  "max_compile_tokens": args.max_compile_tokens, "batch_size": args.batch_size,
+                 "prefill_chunk": args.prefill_chunk,
                  "pre_compile": not args.no_precompile}
     if args.dtype:
         overrides["dtype"] = args.dtype
@@ -262,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--mesh", default=None, help="mesh shape dp,fsdp,tp,sp, e.g. 1,-1,1,1")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or EASYMPT_API_KEY)")
+    p.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="longer prompts are prefilled this many tokens at a time, between other requests' decode steps")
     p.add_argument("--share", action="store_true", help="ask Gradio for public share links")
     p.add_argument("--no-gradio", action="store_true")
     p.add_argument("--no-precompile", action="store_true")

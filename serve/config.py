@@ -18,6 +18,8 @@ class JaxServerConfig(BaseModel):
     max_length: int = Field(2048, ge=2, description="prompt + generated tokens per request")
     max_new_tokens: int = Field(2048, ge=1)
     max_compile_tokens: int = Field(64, ge=1, description="decode steps per dispatch; smallest prompt bucket")
+    prefill_chunk: int = Field(2048, ge=1, description="longer prompts are prefilled this many tokens at a time, "
+                                                      "between decode dispatches of the other requests")
     temperature: float = Field(0.8, ge=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     top_k: int = Field(50, ge=0)
@@ -52,4 +54,6 @@ class JaxServerConfig(BaseModel):
                              f"{self.mesh_axes_shape} differ in length")
         if self.max_compile_tokens > self.max_length:
             raise ValueError("max_compile_tokens must not exceed max_length")
+        if self.prefill_chunk < self.max_compile_tokens:
+            raise ValueError("prefill_chunk must be at least max_compile_tokens (the smallest prompt bucket)")
         return self

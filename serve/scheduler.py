@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easympt.generation.engine import GenerationEngine
+from easympt.generation.engine import ChunkedPrefill, GenerationEngine
 from easympt.generation.sampling import SamplingConfig
 from easympt.generation.text import IncrementalText
 
@@ -111,6 +111,7 @@ class RequestHandle:
 class _Slot:
     handle: RequestHandle
     text: IncrementalText
+    prefill: ChunkedPrefill | None = None  # a long prompt still being prefilled, one chunk per engine step
 
 
 class Scheduler:
@@ -174,7 +175,9 @@ class Scheduler:
                         continue
                     self._start_request(handle)
                     continue
-                self._decode()
+                self._prefill_chunks()
+                if any(s is not None and s.prefill is None for s in self.slots):
+                    self._decode()
             except Exception as e:  # a failed step must not take the server down
                 log.exception("engine step failed")
                 for i, s in enumerate(self.slots):
@@ -198,7 +201,31 @@ class Scheduler:
             handle.put(Event(finish_reason="cancelled"))
             return
         eng, sampling, ids = self.engine, handle.sampling, handle.prompt_ids
-        prefix = eng.prefill_batch([ids], [sampling], self.eos_ids)
+        text = IncrementalText(self.tokenizer, sampling.stop)
+        if len(ids) > eng.prefill_chunk:  # chunk by chunk, between decode dispatches of the other rows
+            slot = self.slots.index(None)
+            job = eng.start_prefill([ids], [sampling], self.eos_ids, cache_len=self.state.cache.max_length)
+            self.slots[slot] = _Slot(handle, text, prefill=job)
+            return
+        self._begin(None, handle, text, eng.prefill_batch([ids], [sampling], self.eos_ids))
+
+    def _prefill_chunks(self) -> None:
+        """One chunk of each long prompt being prefilled; a finished one joins the decode batch."""
+        for slot, s in enumerate(self.slots):
+            if s is None or s.prefill is None:
+                continue
+            if s.handle.cancelled.is_set():
+                s.handle.put(Event(finish_reason="cancelled"))
+                self.slots[slot] = None
+                continue
+            s.prefill.step()
+            if s.prefill.done:
+                prefix, s.prefill = s.prefill.prefix, None
+                self._begin(slot, s.handle, s.text, prefix)
+
+    def _begin(self, slot: int | None, handle: RequestHandle, text: IncrementalText, prefix) -> None:
+        """A prefilled request: report its first token (and scores), and insert it into a decode slot."""
+        eng, sampling, ids = self.engine, handle.sampling, handle.prompt_ids
         first = int(np.asarray(prefix.token)[0])
         first_score = prompt_scores = None
         if sampling.wants_logprobs:  # scored by this same prefill pass
@@ -213,11 +240,13 @@ class Scheduler:
         if self.metrics:
             self.metrics.ttft.observe(handle.first_token_at - handle.created)
         if sampling.max_new_tokens == 0:  # scoring only (echo with max_tokens 0): no decode slot
+            if slot is not None:
+                self.slots[slot] = None
             handle.put(Event(finish_reason="length", logprobs=[], prompt_logprobs=prompt_scores))
             return
-        slot = self.slots.index(None)
+        slot = self.slots.index(None) if slot is None else slot
         self.state = eng.insert(prefix, self.state, jnp.asarray([slot], jnp.int32))
-        self.slots[slot] = _Slot(handle, IncrementalText(self.tokenizer, sampling.stop))
+        self.slots[slot] = _Slot(handle, text)
         active = bool(np.asarray(self.state.active)[slot])
         n_new = int(np.asarray(self.state.n_new)[slot])
         scores = None if sampling.logprobs is None else [first_score]
@@ -227,7 +256,7 @@ class Scheduler:
         eng = self.engine
         t0 = time.monotonic()
         lps = None
-        if any(s is not None and s.handle.sampling.logprobs is not None for s in self.slots):
+        if any(s is not None and s.prefill is None and s.handle.sampling.logprobs is not None for s in self.slots):
             self.state, out, lps = eng.generate_logprobs(eng.params, self.state, n_steps=eng.max_compile_tokens)
             lps = jax.device_get(lps)
         else:
@@ -236,7 +265,7 @@ class Scheduler:
         self.steps += 1
         n_tokens = 0
         for i, s in enumerate(self.slots):
-            if s is None:
+            if s is None or s.prefill is not None:
                 continue
             steps = [j for j, t in enumerate(out[i]) if t >= 0]
             ids = [int(out[i, j]) for j in steps]

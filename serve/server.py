@@ -64,7 +64,7 @@ class JAXServer:
                                        _do_init=False, mesh=mesh)
         server.model, server.params, server.tokenizer = model, params, tokenizer
         server.engine = GenerationEngine(model, params, max_length=cfg.max_length,
-                                         max_compile_tokens=cfg.max_compile_tokens)
+                                         max_compile_tokens=cfg.max_compile_tokens, prefill_chunk=cfg.prefill_chunk)
         eos = {config_model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         server.scheduler = Scheduler(server.engine, tokenizer, cfg.batch_size,
                                      tuple(sorted(i for i in eos if i is not None)), max_queue=cfg.max_queue,
@@ -190,6 +190,10 @@ class JAXServer:
                 raise PromptError(f"prompt has {len(ids)} tokens; max_length is {self.config.max_length} "
                                   "(ask with \"truncate\": true to keep the end of the prompt)")
             ids = ids[-limit:]
+        padded = self.engine.padded_length(len(ids))
+        if padded > self.config.max_length:  # a long prompt's last chunk is padded to a prompt bucket
+            raise PromptError(f"prompt has {len(ids)} tokens, which take {padded} cache slots once padded to "
+                              f"the prefill shapes; max_length is {self.config.max_length}")
         return ids
 
     def sampling(self, temperature=None, top_p=None, top_k=None, max_new_tokens=None, seed=None, stop=(),

@@ -67,6 +67,12 @@ def bucket_for(n: int, buckets) -> int:
     raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]}")
 
 
+def _shift_scores(lp: TokenLogprobs) -> TokenLogprobs:
+    """Scores of each position's following token -> scores of each position's own token (position 0
+    gets the first entry again: it has no score and callers skip it)."""
+    return jax.tree_util.tree_map(lambda x: jnp.concatenate([x[:, :1], x[:, :-1]], axis=1), lp)
+
+
 def _is_stop(token, stop_ids):
     return jnp.any(token[:, None] == stop_ids, axis=-1)
 
@@ -79,7 +85,7 @@ class GenerationEngine:
     """
 
     def __init__(self, model: FlaxMptForCausalLM, params, max_length: int = 2048, max_compile_tokens: int = 64,
-                 stop_slots: int = 8):
+                 stop_slots: int = 8, prefill_chunk: int = 2048):
         cfg = model.config
         if cfg.uses_learned_pos_emb and max_length > cfg.max_seq_len:
             raise ValueError(f"max_length {max_length} exceeds max_seq_len {cfg.max_seq_len} of a model with "
@@ -90,9 +96,13 @@ class GenerationEngine:
         self.params = unwrap_params(params)
         self.max_length = int(max_length)
         self.max_compile_tokens = int(max_compile_tokens)
-        self.buckets = prefill_buckets(self.max_compile_tokens, self.max_length)
+        # prompts up to one chunk prefill in one pass (power-of-two buckets); longer ones chunk by chunk
+        self.prefill_chunk = int(min(prefill_chunk, self.max_length))
+        self.buckets = prefill_buckets(self.max_compile_tokens, self.prefill_chunk)
         self.stop_slots = stop_slots
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "with_logprobs"))
+        self.extend = jax.jit(self._extend, static_argnames=("with_logprobs",), donate_argnums=(3,))
+        self.finish = jax.jit(self._finish, static_argnames=("with_logprobs",))
         self.insert = jax.jit(self._insert, donate_argnums=(1,))
         # one compiled decode loop without log-probabilities (the common case) and one with
         self.generate = jax.jit(lambda params, state, n_steps: self._generate(params, state, n_steps)[:2],
@@ -105,23 +115,31 @@ class GenerationEngine:
     def _forward(self, params, tokens, mask, cache, logits_slice=None):
         return self.model.module.apply({"params": params}, tokens, mask, cache, None, None, True, logits_slice)
 
+    def _extend(self, params, tokens, mask, cache: KVCache, seen, next_tokens, with_logprobs: bool):
+        """One prompt chunk [n, C] into `cache`: (cache, seen, last position's logits [n, V], and with
+        `with_logprobs` the TokenLogprobs [n, C] of `next_tokens`, each position's following token)."""
+        C = tokens.shape[1]
+        logits, cache = self._forward(params, tokens, mask, cache, logits_slice=None if with_logprobs else (C - 1, 1))
+        seen = jax.vmap(lambda s, t, m: s.at[t].max(m))(seen, tokens, mask.astype(bool))
+        return cache, seen, logits[:, -1], token_logprobs(logits, next_tokens) if with_logprobs else None
+
+    def _finish(self, last_logits, cache, seen, rows: SamplingRows, max_new, stop_ids, with_logprobs: bool) -> Prefix:
+        """Sample every row's first token from its last prompt position."""
+        token = sample(last_logits, rows, jnp.zeros((last_logits.shape[0],), jnp.int32), seen)
+        prefix = Prefix(cache, token, seen, rows, max_new, stop_ids)
+        return prefix.replace(logprobs=token_logprobs(last_logits, token)) if with_logprobs else prefix
+
     def _prefill(self, params, tokens, mask, rows: SamplingRows, max_new, stop_ids, cache_len: int,
                  with_logprobs: bool = False) -> Prefix:
         """tokens/mask [n, P], left padded; the last column is every row's last prompt token.
         `with_logprobs` keeps every position's logits of this same pass to score the prompt."""
         n, P = tokens.shape
         cache = KVCache.zeros(self.config, n, cache_len, self.model.dtype)
-        logits, cache = self._forward(params, tokens, mask, cache, logits_slice=None if with_logprobs else (P - 1, 1))
-        last = logits[:, -1]
         seen = jnp.zeros((n, self.config.vocab_size), bool)
-        seen = jax.vmap(lambda s, t, m: s.at[t].max(m))(seen, tokens, mask.astype(bool))
-        token = sample(last, rows, jnp.zeros((n,), jnp.int32), seen)
-        prefix = Prefix(cache, token, seen, rows, max_new, stop_ids)
-        if not with_logprobs:
-            return prefix
-        # position t scores token t from the logits at t - 1
-        prompt = token_logprobs(jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1), tokens)
-        return prefix.replace(logprobs=token_logprobs(last, token), prompt_logprobs=prompt)
+        following = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+        cache, seen, last, lp = self._extend(params, tokens, mask, cache, seen, following, with_logprobs)
+        prefix = self._finish(last, cache, seen, rows, max_new, stop_ids, with_logprobs)
+        return prefix.replace(prompt_logprobs=_shift_scores(lp)) if with_logprobs else prefix
 
     def _start(self, prefix: Prefix, capacity: int | None = None) -> DecodeState:
         """Decode rows from a prefix; `capacity` is the length of the cache they will decode in."""
@@ -213,6 +231,15 @@ class GenerationEngine:
             seen=jnp.zeros((batch_size, self.config.vocab_size), bool),
             rows=SamplingRows.from_configs([cfg] * batch_size))
 
+    def padded_length(self, n: int) -> int:
+        """Cache slots a prompt of n tokens takes: its bucket, or past one chunk, the remainder's
+        bucket plus whole chunks."""
+        C = self.prefill_chunk
+        if n <= C:
+            return bucket_for(n, self.buckets)
+        rest = n % C
+        return (bucket_for(rest, self.buckets) if rest else 0) + (n - rest)
+
     def pad_prompts(self, prompts: list[list[int]], bucket: int | None = None):
         """Left-pad token lists to one bucket: (tokens [n, P], mask [n, P])."""
         longest = max(len(p) for p in prompts)
@@ -221,7 +248,10 @@ class GenerationEngine:
         if longest >= self.max_length:
             raise ValueError(f"prompt of {longest} tokens leaves no room to generate within "
                              f"max_length {self.max_length}")
-        P = bucket or bucket_for(longest, self.buckets)
+        P = bucket or self.padded_length(longest)
+        if P > self.max_length:
+            raise ValueError(f"prompt of {longest} tokens takes {P} cache slots once padded to its prefill "
+                             f"shapes, more than max_length {self.max_length}")
         tokens = np.zeros((len(prompts), P), np.int32)
         mask = np.zeros((len(prompts), P), np.int32)
         for i, p in enumerate(prompts):
@@ -240,7 +270,13 @@ class GenerationEngine:
 
     def prefill_batch(self, prompts: list[list[int]], configs: list[SamplingConfig], eos_ids=(),
                       cache_len: int | None = None) -> Prefix:
-        """Prefill left-padded prompts; with log-probabilities when any config asks for them."""
+        """Prefill left-padded prompts; with log-probabilities when any config asks for them.
+        Prompts longer than `prefill_chunk` are prefilled chunk by chunk (see start_prefill)."""
+        if max(len(p) for p in prompts) > self.prefill_chunk:
+            job = self.start_prefill(prompts, configs, eos_ids, cache_len)
+            while not job.done:
+                job.step()
+            return job.prefix
         tokens, mask = self.pad_prompts(prompts)
         P = tokens.shape[1]
         max_new = jnp.asarray([c.max_new_tokens for c in configs], jnp.int32)
@@ -248,12 +284,19 @@ class GenerationEngine:
                             self.stop_table(configs, eos_ids), cache_len=cache_len or P,
                             with_logprobs=any(c.wants_logprobs for c in configs))
 
+    def start_prefill(self, prompts: list[list[int]], configs: list[SamplingConfig], eos_ids=(),
+                      cache_len: int | None = None) -> ChunkedPrefill:
+        """A prefill that runs one `prefill_chunk` of the prompts per `step()`, straight into a decode
+        cache of `cache_len` (default max_length) slots, so a prompt of any length compiles the same
+        few shapes and a server can run decode steps of other rows between its chunks."""
+        return ChunkedPrefill(self, prompts, configs, eos_ids, cache_len or self.max_length)
+
     def finish_reason(self, prompt_len: int, n_emitted: int, max_new_tokens: int) -> str:
         """Why a row that the device deactivated ended: 'length' (max_new_tokens or
         out of cache) or 'stop' (EOS / stop id)."""
         if n_emitted >= max_new_tokens:
             return "length"
-        room = self.max_length - bucket_for(prompt_len, self.buckets) + 1
+        room = self.max_length - self.padded_length(prompt_len) + 1
         return "length" if n_emitted >= room else "stop"
 
     def decode_cache_len(self, prompt_bucket: int, max_new_tokens: int) -> int:
@@ -261,3 +304,52 @@ class GenerationEngine:
         need = prompt_bucket + max_new_tokens
         return min(self.max_length, 2 ** math.ceil(math.log2(max(need, 2))))
 
+
+
+class ChunkedPrefill:
+    """A long prompt's prefill, one chunk per `step()`; `prefix` is ready once `done`."""
+
+    def __init__(self, engine: GenerationEngine, prompts, configs, eos_ids, cache_len: int):
+        C = engine.prefill_chunk
+        self.tokens, self.mask = engine.pad_prompts(prompts)  # checks the lengths against max_length
+        P = self.tokens.shape[1]
+        if P > cache_len:
+            raise ValueError(f"prompt of {max(map(len, prompts))} tokens needs {P} cache slots; the cache "
+                             f"has {cache_len}")
+        self.engine, self.configs = engine, configs
+        # a first chunk of the remainder (a prompt bucket), then full chunks
+        first = P % C
+        self.bounds = ([(0, first)] if first else []) + [(b, b + C) for b in range(first, P, C)]
+        self.following = jnp.concatenate([self.tokens[:, 1:], self.tokens[:, -1:]], axis=1)
+        self.with_logprobs = any(c.wants_logprobs for c in configs)
+        self.stop_ids = engine.stop_table(configs, eos_ids)
+        n = len(prompts)
+        self.cache = KVCache.zeros(engine.config, n, cache_len, engine.model.dtype)
+        self.seen = jnp.zeros((n, engine.config.vocab_size), bool)
+        self.next_chunk = 0
+        self.scores: list[TokenLogprobs] = []
+        self.prefix: Prefix | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.prefix is not None
+
+    def step(self) -> None:
+        eng = self.engine
+        chunk = slice(*self.bounds[self.next_chunk])
+        self.cache, self.seen, last, lp = eng.extend(eng.params, self.tokens[:, chunk], self.mask[:, chunk], self.cache,
+                                                     self.seen, self.following[:, chunk],
+                                                     with_logprobs=self.with_logprobs)
+        if lp is not None:
+            self.scores.append(lp)
+        self.next_chunk += 1
+        if self.next_chunk < len(self.bounds):
+            return
+        configs = self.configs
+        max_new = jnp.asarray([c.max_new_tokens for c in configs], jnp.int32)
+        prefix = eng.finish(last, self.cache, self.seen, SamplingRows.from_configs(configs), max_new, self.stop_ids,
+                            with_logprobs=self.with_logprobs)
+        if self.with_logprobs:
+            whole = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=1), *self.scores)
+            prefix = prefix.replace(prompt_logprobs=_shift_scores(whole))
+        self.prefix, self.cache, self.seen = prefix, None, None

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import jax.numpy as jnp
 import numpy as np
 
-from easympt.generation.engine import GenerationEngine, bucket_for
+from easympt.generation.engine import GenerationEngine
 from easympt.generation.sampling import SamplingConfig
 from easympt.generation.text import IncrementalText
 from easympt.model import FlaxMptForCausalLM
@@ -81,7 +81,8 @@ class Generator:
     def _run(self, prompts: list[list[int]], configs: list[SamplingConfig]) -> Iterator[tuple[int, list[int], bool]]:
         """Yields (row, new token ids, row finished) as chunks come off the device."""
         eng = self.engine
-        P = bucket_for(max(len(p) for p in prompts), eng.buckets) if max(map(len, prompts)) < eng.max_length else 0
+        longest = max(len(p) for p in prompts)
+        P = eng.padded_length(longest) if longest < eng.max_length else 0
         S = eng.decode_cache_len(P, max(c.max_new_tokens for c in configs))
         prefix = eng.prefill_batch(prompts, configs, self.eos_ids, cache_len=S)
         state = eng.start(prefix)
