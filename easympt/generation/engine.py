@@ -109,7 +109,7 @@ class GenerationEngine:
                                 static_argnames=("n_steps",), donate_argnums=(1,))
         self.generate_logprobs = jax.jit(lambda params, state, n_steps: self._generate(params, state, n_steps, True),
                                          static_argnames=("n_steps",), donate_argnums=(1,))
-        self.start = jax.jit(self._start)
+        self.start = jax.jit(self._start, donate_argnums=(0,))  # the decode state takes over the prefix's cache
 
     # ------------------------------------------------------------ device side
     def _forward(self, params, tokens, mask, cache, logits_slice=None):

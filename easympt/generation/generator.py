@@ -86,7 +86,7 @@ class Generator:
         S = eng.decode_cache_len(P, max(c.max_new_tokens for c in configs))
         prefix = eng.prefill_batch(prompts, configs, self.eos_ids, cache_len=S)
         state = eng.start(prefix)
-        first = np.asarray(prefix.token)
+        first = np.asarray(state.token)
         active = np.asarray(state.active)
         n_new = np.asarray(state.n_new)
         cancelled = np.zeros(len(prompts), bool)
