@@ -242,6 +242,39 @@ def cmd_bench(args) -> int:
     return subprocess.call([sys.executable, script, *args.rest])
 
 
+# optional packages each command needs -> the extra that installs them; checked before any work
+NEEDS = {
+    "serve": {"fastapi": "serve", "uvicorn": "serve", "pydantic": "serve", "prometheus_client": "serve",
+              "gradio": "serve"},
+    "train": {"matplotlib": "train", "yaml": "train"},
+}
+
+
+def check_dependencies(args) -> None:
+    import importlib.util
+
+    needs = dict(NEEDS.get(args.command, {}))
+    if args.command == "serve" and args.no_gradio:
+        needs.pop("gradio")
+    if args.command == "eval" and args.server:
+        needs["httpx"] = "serve"
+    missing = sorted({(m, extra) for m, extra in needs.items() if importlib.util.find_spec(m) is None})
+    if missing:
+        extras = sorted({extra for _, extra in missing})
+        raise ImportError(f"`easympt {args.command}` needs {', '.join(m for m, _ in missing)}: "
+                          f"pip install 'easympt[{','.join(extras)}]'")
+
+
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("more than one process (TPU pod slices, GPU nodes); the same on every process")
+    g.add_argument("--coordinator-address", dest="coordinator_address", default=None, metavar="HOST:PORT",
+                   help="process 0's address (or EASYMPT_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", dest="num_processes", type=int, default=None,
+                   help="how many processes (or EASYMPT_NUM_PROCESSES)")
+    g.add_argument("--process-id", dest="process_id", type=int, default=None,
+                   help="this process's id, 0 to N-1 (or EASYMPT_PROCESS_ID)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="easympt", description="MosaicML MPT in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -332,12 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("which", choices=sorted(BENCHMARKS))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see its --help)")
     p.set_defaults(func=cmd_bench)
+    for name, command in sub.choices.items():
+        if name != "bench":
+            _add_distributed(command)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_dependencies(args)
+        if args.command != "bench":
+            import easympt.distributed
+
+            easympt.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         return args.func(args)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
         print(f"easympt {args.command}: error: {e}", file=sys.stderr)
