@@ -17,7 +17,9 @@ class JaxServerConfig(BaseModel):
     batch_size: int = Field(8, ge=1, le=512, description="decode slots served at once")
     max_length: int = Field(2048, ge=2, description="prompt + generated tokens per request")
     max_new_tokens: int = Field(2048, ge=1)
-    max_compile_tokens: int = Field(64, ge=1, description="decode steps per dispatch; smallest prompt bucket")
+    max_compile_tokens: int = Field(64, ge=1, description="the smallest prompt bucket (EasyDel's meaning)")
+    decode_steps: int = Field(1, ge=1, description="decode steps per engine dispatch: 1 streams every token as it "
+                                                   "is made (dispatches overlap with delivery, so it costs little)")
     prefill_chunk: int = Field(2048, ge=1, description="longer prompts are prefilled this many tokens at a time, "
                                                       "between decode dispatches of the other requests")
     temperature: float = Field(0.8, ge=0.0, le=2.0)

@@ -3,7 +3,9 @@
 Requests wait in a bounded queue. Whenever a decode slot is free the thread
 prefills the next request and inserts it into the running batch (JetStream's
 prefill / insert / generate); every dispatch then advances all active slots
-by up to `max_compile_tokens` tokens. Text, stop strings and cancellation are
+by `decode_steps` tokens (1: every token streams as it is made; the next
+dispatch is queued before the previous one's tokens are read, so the device
+does not wait on the host). Text, stop strings and cancellation are
 handled here too, so callers only read events.
 """
 
@@ -116,7 +118,7 @@ class _Slot:
 
 class Scheduler:
     def __init__(self, engine: GenerationEngine, tokenizer, batch_size: int, eos_ids: tuple[int, ...],
-                 max_queue: int = 64, request_timeout_s: float = 600.0, metrics=None):
+                 max_queue: int = 64, request_timeout_s: float = 600.0, metrics=None, decode_steps: int = 1):
         self.engine, self.tokenizer = engine, tokenizer
         self.batch_size = batch_size
         self.eos_ids = eos_ids
@@ -128,6 +130,9 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.decode_steps = decode_steps
+        self._pending = None  # the decode dispatch in flight: (tokens, logprobs, active, occupants)
+        self._last_delivery: float | None = None
 
     # ------------------------------------------------------------ public side
     def submit(self, prompt_ids: list[int], sampling: SamplingConfig,
@@ -169,6 +174,7 @@ class Scheduler:
             try:
                 self._admit()
                 if self.active_slots == 0:
+                    self._flush()
                     try:
                         handle = self.waiting.get(timeout=0.05)
                     except queue.Empty:
@@ -178,13 +184,15 @@ class Scheduler:
                 self._prefill_chunks()
                 if any(s is not None and s.prefill is None for s in self.slots):
                     self._decode()
+                else:
+                    self._flush()
             except Exception as e:  # a failed step must not take the server down
                 log.exception("engine step failed")
                 for i, s in enumerate(self.slots):
                     if s is not None:
                         s.handle.put(Event(finish_reason="error", error=f"generation failed: {e}"))
                         self.slots[i] = None
-                self.state = self.engine.empty_state(self.batch_size)
+                self.state, self._pending = self.engine.empty_state(self.batch_size), None
 
     def _admit(self) -> None:
         while None in self.slots:
@@ -253,19 +261,34 @@ class Scheduler:
         self._deliver(slot, [first] if n_new else [], finished=not active, scores=scores, prompt_scores=prompt_scores)
 
     def _decode(self) -> None:
+        """Dispatch the next `decode_steps` steps of every decoding row, then deliver the previous
+        dispatch's tokens while this one runs (JetStream's async dispatch): the device never waits
+        for the host to detokenize, and a client hears of each token one dispatch after it is made."""
         eng = self.engine
-        t0 = time.monotonic()
+        occupants = [s.handle if s is not None and s.prefill is None else None for s in self.slots]
         lps = None
-        if any(s is not None and s.prefill is None and s.handle.sampling.logprobs is not None for s in self.slots):
-            self.state, out, lps = eng.generate_logprobs(eng.params, self.state, n_steps=eng.max_compile_tokens)
-            lps = jax.device_get(lps)
+        if any(h is not None and h.sampling.logprobs is not None for h in occupants):
+            self.state, out, lps = eng.generate_logprobs(eng.params, self.state, n_steps=self.decode_steps)
         else:
-            self.state, out = eng.generate(eng.params, self.state, n_steps=eng.max_compile_tokens)
-        out, active = np.asarray(out), np.asarray(self.state.active)
+            self.state, out = eng.generate(eng.params, self.state, n_steps=self.decode_steps)
         self.steps += 1
-        n_tokens = 0
+        # a copy: the next dispatch donates (and so deletes) the state's own buffers
+        previous, self._pending = self._pending, (out, lps, jnp.copy(self.state.active), occupants)
+        if previous is not None:
+            self._deliver_dispatch(*previous)
+
+    def _flush(self) -> None:
+        """Deliver the dispatch still in flight (nothing else will run after it)."""
+        if self._pending is not None:
+            previous, self._pending = self._pending, None
+            self._deliver_dispatch(*previous)
+
+    def _deliver_dispatch(self, out, lps, active, occupants) -> None:
+        out, active = np.asarray(out), np.asarray(active)  # waits for that dispatch only
+        lps = None if lps is None else jax.device_get(lps)
+        now, n_tokens = time.monotonic(), 0
         for i, s in enumerate(self.slots):
-            if s is None or s.prefill is not None:
+            if s is None or s.handle is not occupants[i]:  # freed, or refilled since that dispatch
                 continue
             steps = [j for j, t in enumerate(out[i]) if t >= 0]
             ids = [int(out[i, j]) for j in steps]
@@ -275,9 +298,10 @@ class Scheduler:
             if n_top is not None:  # one step past the emitted ones: the stop token, if the row stopped on one
                 scores = token_scores(lps, i, range(min(len(steps) + 1, out.shape[1])), n_top)
             self._deliver(i, ids, finished=not active[i], scores=scores)
-        if self.metrics and n_tokens:
-            self.metrics.inter_token.observe((time.monotonic() - t0) / max(1, out.shape[1]))
-        # rows whose request ended on the host (stop string, disconnect, timeout)
+        if self.metrics and n_tokens and self._last_delivery is not None:
+            self.metrics.inter_token.observe((now - self._last_delivery) / max(1, out.shape[1]))
+        self._last_delivery = now
+        # rows whose request ended on the host (stop string, disconnect, timeout) stop on the device too
         stale = [i for i, s in enumerate(self.slots) if s is None and active[i]]
         if stale:
             self.state = self.state.replace(active=self.state.active.at[jnp.asarray(stale)].set(False))

@@ -68,7 +68,8 @@ class JAXServer:
         eos = {config_model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         server.scheduler = Scheduler(server.engine, tokenizer, cfg.batch_size,
                                      tuple(sorted(i for i in eos if i is not None)), max_queue=cfg.max_queue,
-                                     request_timeout_s=cfg.request_timeout_s, metrics=server.metrics)
+                                     request_timeout_s=cfg.request_timeout_s, metrics=server.metrics,
+                                     decode_steps=cfg.decode_steps)
         if verbose or cfg.verbose:
             logging.getLogger("easympt").setLevel(logging.INFO)
         if cfg.pre_compile:
@@ -114,7 +115,7 @@ class JAXServer:
             n = min(bucket, eng.max_length - 1)
             prefix = eng.prefill_batch([[0] * n], [warm])
             state = eng.insert(prefix, state, jax.numpy.asarray([0], jax.numpy.int32))
-        state, _ = eng.generate(eng.params, state, n_steps=eng.max_compile_tokens)
+        state, _ = eng.generate(eng.params, state, n_steps=self.config.decode_steps)
         jax.block_until_ready(state.token)
         took = time.perf_counter() - t0
         log.warning("precompiled %d prompt buckets %s and the decode step in %.1fs", len(eng.buckets),

@@ -42,10 +42,12 @@ def test_chunked_prefill_equals_one_pass(model_params, n):
 
 
 def test_reference_continuation_of_a_long_prompt(model_params):
-    """Greedy continuation of a prompt 4x max_seq_len (ALiBi), chunked, equals the numpy reference."""
+    """Greedy continuation of a prompt 4x max_seq_len (ALiBi), chunked, with the blockwise kernel,
+    equals the numpy reference."""
     from reference_mpt import forward
 
-    model, params, cfg = model_params
+    _, params, cfg = model_params
+    model = FlaxMptForCausalLM(model_params[0].config, dtype="fp32", _do_init=False, attention="blockwise")
     sd = random_state_dict(cfg, seed=4)
     ids = np.random.default_rng(7).integers(0, cfg["vocab_size"], 250).tolist()
     eng = GenerationEngine(model, params, max_length=320, max_compile_tokens=16, prefill_chunk=64)

@@ -217,3 +217,20 @@ def test_port_in_use_is_a_clear_error(server, lm_checkpoint):
     with pytest.raises(OSError, match=str(server.config.port)):
         srv.fire()
     srv.shutdown()
+
+
+def test_stream_delivers_each_token_as_it_is_made(server, client):
+    """decode_steps 1 (the default): one engine step per dispatch, so the SSE stream carries one
+    token per chunk, not bursts of max_compile_tokens."""
+    events = []
+    with client.stream("POST", "/v1/completions", json={"prompt": "def f(x):", "max_tokens": 12, "temperature": 0,
+                                                       "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                if choice["text"]:
+                    events.append(choice["text"])
+    done = client.post("/v1/completions", json={"prompt": "def f(x):", "max_tokens": 12, "temperature": 0}).json()
+    n = done["usage"]["completion_tokens"]
+    assert "".join(events) == done["choices"][0]["text"]
+    assert len(events) >= n - 2, (len(events), n)  # a chunk per token (a partial character may wait for the next)

@@ -102,7 +102,7 @@ class GenerationEngine:
         self.stop_slots = stop_slots
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "with_logprobs"))
         self.extend = jax.jit(self._extend, static_argnames=("with_logprobs",), donate_argnums=(3,))
-        self.finish = jax.jit(self._finish, static_argnames=("with_logprobs",))
+        self.finish = jax.jit(self._finish, static_argnames=("with_logprobs",), donate_argnums=(1,))
         self.insert = jax.jit(self._insert, donate_argnums=(1,))
         # one compiled decode loop without log-probabilities (the common case) and one with
         self.generate = jax.jit(lambda params, state, n_steps: self._generate(params, state, n_steps)[:2],
