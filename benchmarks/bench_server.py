@@ -105,6 +105,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--soak", type=int, default=1000, help="soak requests (0 to skip)")
+    ap.add_argument("--decode-steps", type=int, default=1,
+                    help="engine steps per dispatch (1: every token streams as it is made)")
     args = ap.parse_args()
 
     from easympt.demo import demo_checkpoint
@@ -113,14 +115,15 @@ def main() -> int:
     model = args.model or demo_checkpoint()
     server = MPTJaxServer.from_pretrained(model, config={"port": 0, "batch_size": 16, "max_length": 512,
                                                          "max_new_tokens": args.max_tokens,
-                                                         "max_compile_tokens": 16, "max_queue": 256})
+                                                         "max_compile_tokens": 16, "max_queue": 256,
+                                                         "decode_steps": args.decode_steps})
     server.fire()
 
     def rss() -> int:  # this process holds the server: its resident set
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * resource.getpagesize()
 
-    result = {"model": model, "max_tokens": args.max_tokens, "load": []}
+    result = {"model": model, "max_tokens": args.max_tokens, "decode_steps": args.decode_steps, "load": []}
     try:
         for clients in (1, 4, 16):
             r = asyncio.run(load(server.url, clients, args.requests_per_client, args.max_tokens))
