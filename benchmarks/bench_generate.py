@@ -3,7 +3,10 @@
 Random weights in mpt-125m geometry (or --geometry), float32 by default.
 Prompt 32 tokens, 128 new tokens forced (no EOS), batch 1 and 8; TTFT with a
 512-token prompt; 1 warm-up, median of 3. decode tok/s = batch * 127 /
-(t(128 new) - t(1 new)). The roofline is the measured memory bandwidth over
+(t(128 new) - t(1 new)). transformers runs as its users run it: `use_cache=True`
+(its MptConfig defaults to False) under `torch.inference_mode()`; the benchmark
+prints its step-time growth (flat with a cache) and compares both systems'
+greedy tokens. The roofline is the measured memory bandwidth over
 the weight bytes one decode step must read. Prints a table and one JSON line.
 
     python benchmarks/bench_generate.py [--geometry mpt-125m] [--dtype fp32] [--skip-torch]
@@ -62,36 +65,47 @@ def make_checkpoint(geometry: str, path: str, max_seq_len: int) -> None:
     hf.save_pretrained(path)
 
 
-def run_easympt(engine: GenerationEngine, prompts: np.ndarray, n_new: int) -> None:
+def run_easympt(engine: GenerationEngine, prompts: np.ndarray, n_new: int) -> list[list[int]]:
+    """Greedy tokens [B][n_new]; decode dispatches are queued back to back, read at the end."""
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=n_new)
     rows = [list(p) for p in prompts]
     P = engine.pad_prompts(rows)[0].shape[1]
     prefix = engine.prefill_batch(rows, [cfg] * len(rows), eos_ids=(),
                                   cache_len=engine.decode_cache_len(P, n_new))
+    outs = [prefix.token[:, None]]
     state = engine.start(prefix)
-    while bool(np.asarray(state.active).any()):
+    for _ in range(-(-(n_new - 1) // engine.max_compile_tokens)):
         state, out = engine.generate(engine.params, state, n_steps=engine.max_compile_tokens)
-    jax.block_until_ready(state.token)
+        outs.append(out)
+    tokens = np.concatenate([np.asarray(o) for o in outs], axis=1)
+    return [[int(t) for t in row if t >= 0] for row in tokens]
 
 
-def run_torch(model, prompts: np.ndarray, n_new: int) -> None:
+def run_torch(model, prompts: np.ndarray, n_new: int) -> list[list[int]]:
+    """transformers as its documentation runs it: KV cache on (MptConfig defaults use_cache to False),
+    under inference_mode."""
     import torch
 
     ids = torch.tensor(prompts, device=model.device)
-    with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
-                       do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
+                             do_sample=False, pad_token_id=0, use_cache=True)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
+    return out[:, ids.shape[1]:].tolist()
 
 
 def measure(run, prompts_1, prompts_8, prompts_long) -> dict:
     out = {}
     for name, prompts in (("b1", prompts_1), ("b8", prompts_8)):
         t_full = median_time(lambda: run(prompts, NEW))
+        t_half = median_time(lambda: run(prompts, NEW // 2))
         t_one = median_time(lambda: run(prompts, 1))
         out[f"decode_tok_s_{name}"] = len(prompts) * (NEW - 1) / (t_full - t_one)
         out[f"t_{name}_128_s"] = t_full
+        # a KV cache keeps the step time flat: the second half's steps cost about what the first half's do
+        out[f"step_growth_{name}"] = ((t_full - t_half) / (NEW - NEW // 2)) / ((t_half - t_one) / (NEW // 2 - 1))
+        out[f"greedy_{name}"] = run(prompts, NEW)
     out["ttft_512_s"] = median_time(lambda: run(prompts_long, 1))
     return out
 
@@ -168,6 +182,9 @@ def main() -> int:
             result["ratio_decode_b1"] = ours["decode_tok_s_b1"] / theirs["decode_tok_s_b1"]
             result["ratio_decode_b8"] = ours["decode_tok_s_b8"] / theirs["decode_tok_s_b8"]
             result["ratio_ttft"] = ours["ttft_512_s"] / theirs["ttft_512_s"]
+            for b in ("b1", "b8"):
+                same = [sum(x == y for x, y in zip(a, t)) for a, t in zip(ours[f"greedy_{b}"], theirs[f"greedy_{b}"])]
+                result[f"greedy_match_{b}"] = f"{sum(same)}/{sum(len(t) for t in theirs[f'greedy_{b}'])}"
 
     print(f"{'':24s}{'easympt':>12s}{'transformers':>14s}{'ratio':>8s}")
     for key, better in (("decode_tok_s_b1", "x"), ("decode_tok_s_b8", "x"), ("ttft_512_s", "t")):
@@ -178,6 +195,14 @@ def main() -> int:
     print(f"roofline b1: {roofline:.1f} tok/s ({bw / 1e9:.1f} GB/s / {weight_bytes / 1e6:.0f} MB); "
           f"easympt reaches {100 * result['roofline_fraction_b1']:.0f}%")
     print(f"first call after precompile / steady call: {result['first_call_over_steady']:.2f}")
+    if "transformers" in result:
+        t = result["transformers"]
+        print(f"transformers step growth (2nd half / 1st half of 128 steps; ~1 with a KV cache): "
+              f"b1 {t['step_growth_b1']:.2f}, b8 {t['step_growth_b8']:.2f}")
+        print(f"same greedy tokens as transformers: b1 {result['greedy_match_b1']}, b8 {result['greedy_match_b8']}")
+    for side in ("easympt", "transformers"):
+        for b in ("b1", "b8"):
+            result.get(side, {}).pop(f"greedy_{b}", None)
     print(json.dumps(result))
     return 0
 

@@ -179,7 +179,7 @@ class Scheduler:
                         handle = self.waiting.get(timeout=0.05)
                     except queue.Empty:
                         continue
-                    self._start_request(handle)
+                    self._admit(first=handle)
                     continue
                 self._prefill_chunks()
                 if any(s is not None and s.prefill is None for s in self.slots):
@@ -194,28 +194,45 @@ class Scheduler:
                         self.slots[i] = None
                 self.state, self._pending = self.engine.empty_state(self.batch_size), None
 
-    def _admit(self) -> None:
-        while None in self.slots:
-            try:
-                handle = self.waiting.get_nowait()
-            except queue.Empty:
-                return
-            self._start_request(handle)
+    def _admit(self, first: RequestHandle | None = None) -> None:
+        """Start waiting requests while decode slots are free: long prompts as chunked prefills, the
+        others prefilled together in one batch."""
+        batch = []
+        while len(batch) < self.slots.count(None):
+            if first is not None:
+                handle, first = first, None
+            else:
+                try:
+                    handle = self.waiting.get_nowait()
+                except queue.Empty:
+                    break
+            if self.metrics:
+                self.metrics.queue_depth.set(self.waiting.qsize())
+            if handle.cancelled.is_set():
+                handle.put(Event(finish_reason="cancelled"))
+            elif len(handle.prompt_ids) > self.engine.prefill_chunk:  # chunk by chunk, between decode steps
+                slot = self.slots.index(None)
+                job = self.engine.start_prefill([handle.prompt_ids], [handle.sampling], self.eos_ids,
+                                                cache_len=self.state.cache.max_length)
+                self.slots[slot] = _Slot(handle, IncrementalText(self.tokenizer, handle.sampling.stop), prefill=job)
+            else:
+                batch.append(handle)
+        if batch:
+            self._start_batch(batch)
 
-    def _start_request(self, handle: RequestHandle) -> None:
-        if self.metrics:
-            self.metrics.queue_depth.set(self.waiting.qsize())
-        if handle.cancelled.is_set():
-            handle.put(Event(finish_reason="cancelled"))
-            return
-        eng, sampling, ids = self.engine, handle.sampling, handle.prompt_ids
-        text = IncrementalText(self.tokenizer, sampling.stop)
-        if len(ids) > eng.prefill_chunk:  # chunk by chunk, between decode dispatches of the other rows
-            slot = self.slots.index(None)
-            job = eng.start_prefill([ids], [sampling], self.eos_ids, cache_len=self.state.cache.max_length)
-            self.slots[slot] = _Slot(handle, text, prefill=job)
-            return
-        self._begin(None, handle, text, eng.prefill_batch([ids], [sampling], self.eos_ids))
+    def _start_batch(self, handles: list[RequestHandle]) -> None:
+        """One prefill for several requests. Its row count is 1 or the batch size (dummy rows fill
+        the rest and are inserted nowhere), so a burst costs one pass and two compiled shapes."""
+        free = [i for i, s in enumerate(self.slots) if s is None][:len(handles)]
+        rows, configs = [h.prompt_ids for h in handles], [h.sampling for h in handles]
+        n = 1 if len(handles) == 1 else self.batch_size
+        filler = SamplingConfig(temperature=0.0, max_new_tokens=1)
+        rows += [[0]] * (n - len(handles))
+        configs += [filler] * (n - len(handles))
+        prefix = self.engine.prefill_batch(rows, configs, self.eos_ids)
+        slots = free + [self.batch_size] * (n - len(handles))  # an out-of-range slot: the row is dropped
+        texts = [IncrementalText(self.tokenizer, h.sampling.stop) for h in handles]
+        self._begin(slots, handles, texts, prefix)
 
     def _prefill_chunks(self) -> None:
         """One chunk of each long prompt being prefilled; a finished one joins the decode batch."""
@@ -229,36 +246,39 @@ class Scheduler:
             s.prefill.step()
             if s.prefill.done:
                 prefix, s.prefill = s.prefill.prefix, None
-                self._begin(slot, s.handle, s.text, prefix)
+                self._begin([slot], [s.handle], [s.text], prefix)
 
-    def _begin(self, slot: int | None, handle: RequestHandle, text: IncrementalText, prefix) -> None:
-        """A prefilled request: report its first token (and scores), and insert it into a decode slot."""
-        eng, sampling, ids = self.engine, handle.sampling, handle.prompt_ids
-        first = int(np.asarray(prefix.token)[0])
-        first_score = prompt_scores = None
-        if sampling.wants_logprobs:  # scored by this same prefill pass
+    def _begin(self, slots: list[int], handles: list[RequestHandle], texts: list[IncrementalText], prefix) -> None:
+        """Prefilled requests (prefix row r is handles[r]): insert them into their decode slots and
+        report each first token, with its scores when asked (from this same prefill pass)."""
+        firsts = np.asarray(prefix.token)
+        lp = plp = None
+        if any(h.sampling.wants_logprobs for h in handles):
             lp, plp = jax.device_get((prefix.logprobs, prefix.prompt_logprobs))
-            first_score = token_scores(jax.tree_util.tree_map(lambda x: x[:, None], lp), 0, [0],
-                                       sampling.logprobs or 0)[0]
-            if sampling.prompt_logprobs:
-                P = plp.chosen.shape[1]
-                prompt_scores = [TokenScore(ids[0], None)] + token_scores(plp, 0, range(P - len(ids) + 1, P),
-                                                                          sampling.logprobs or 0)
-        handle.first_token_at = time.monotonic()
-        if self.metrics:
-            self.metrics.ttft.observe(handle.first_token_at - handle.created)
-        if sampling.max_new_tokens == 0:  # scoring only (echo with max_tokens 0): no decode slot
-            if slot is not None:
+            lp = jax.tree_util.tree_map(lambda x: x[:, None], lp)
+        self.state = self.engine.insert(prefix, self.state, jnp.asarray(slots, jnp.int32))
+        active, n_new = np.asarray(self.state.active), np.asarray(self.state.n_new)
+        now = time.monotonic()
+        for r, (slot, handle, text) in enumerate(zip(slots, handles, texts)):
+            sampling, ids = handle.sampling, handle.prompt_ids
+            n_top = sampling.logprobs or 0
+            first_score = prompt_scores = None
+            if sampling.wants_logprobs:
+                first_score = token_scores(lp, r, [0], n_top)[0]
+                if sampling.prompt_logprobs:
+                    P = plp.chosen.shape[1]
+                    prompt_scores = [TokenScore(ids[0], None)] + token_scores(plp, r, range(P - len(ids) + 1, P), n_top)
+            handle.first_token_at = now
+            if self.metrics:
+                self.metrics.ttft.observe(now - handle.created)
+            if sampling.max_new_tokens == 0:  # scoring only (echo with max_tokens 0): the row never decodes
                 self.slots[slot] = None
-            handle.put(Event(finish_reason="length", logprobs=[], prompt_logprobs=prompt_scores))
-            return
-        slot = self.slots.index(None) if slot is None else slot
-        self.state = eng.insert(prefix, self.state, jnp.asarray([slot], jnp.int32))
-        self.slots[slot] = _Slot(handle, text)
-        active = bool(np.asarray(self.state.active)[slot])
-        n_new = int(np.asarray(self.state.n_new)[slot])
-        scores = None if sampling.logprobs is None else [first_score]
-        self._deliver(slot, [first] if n_new else [], finished=not active, scores=scores, prompt_scores=prompt_scores)
+                handle.put(Event(finish_reason="length", logprobs=[], prompt_logprobs=prompt_scores))
+                continue
+            self.slots[slot] = _Slot(handle, text)
+            scores = None if sampling.logprobs is None else [first_score]
+            self._deliver(slot, [int(firsts[r])] if n_new[slot] else [], finished=not active[slot], scores=scores,
+                          prompt_scores=prompt_scores)
 
     def _decode(self) -> None:
         """Dispatch the next `decode_steps` steps of every decoding row, then deliver the previous

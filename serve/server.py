@@ -111,10 +111,11 @@ class JAXServer:
         eng = self.engine
         warm = SamplingConfig(temperature=0.0, max_new_tokens=1)
         state = eng.empty_state(self.config.batch_size)
-        for bucket in eng.buckets:
-            n = min(bucket, eng.max_length - 1)
-            prefix = eng.prefill_batch([[0] * n], [warm])
-            state = eng.insert(prefix, state, jax.numpy.asarray([0], jax.numpy.int32))
+        B = self.config.batch_size
+        for n in sorted({1, B}):  # the scheduler prefills one request, or a burst padded to the batch size
+            for bucket in eng.buckets:
+                prefix = eng.prefill_batch([[0] * min(bucket, eng.max_length - 1)] * n, [warm] * n)
+                state = eng.insert(prefix, state, jax.numpy.asarray([B] * n, jax.numpy.int32))  # rows dropped
         state, _ = eng.generate(eng.params, state, n_steps=self.config.decode_steps)
         jax.block_until_ready(state.token)
         took = time.perf_counter() - t0

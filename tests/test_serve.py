@@ -7,6 +7,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 from easympt.serve import JAXServer, JaxServerConfig
@@ -234,3 +235,45 @@ def test_stream_delivers_each_token_as_it_is_made(server, client):
     n = done["usage"]["completion_tokens"]
     assert "".join(events) == done["choices"][0]["text"]
     assert len(events) >= n - 2, (len(events), n)  # a chunk per token (a partial character may wait for the next)
+
+
+def test_a_burst_of_requests_is_prefilled_in_one_pass(server):
+    """Requests waiting together share one prefill (padded to the batch size with filler rows that
+    are inserted nowhere), and each gets what it would get alone, prompt scores included."""
+    from easympt.serve.scheduler import Scheduler
+
+    eng = server.engine
+    calls = []
+    real = eng.prefill_batch
+
+    def counting(prompts, *a, **kw):
+        calls.append(len(prompts))
+        return real(prompts, *a, **kw)
+
+    def run(prompts):
+        sched = Scheduler(eng, server.tokenizer, batch_size=4, eos_ids=())
+        sched.state = eng.empty_state(4)
+        handles = [sched.submit(server.encode_prompt(p, 8), server.sampling(0.0, None, None, 8, 0, logprobs=1,
+                                                                            prompt_logprobs=True))
+                   for p in prompts]
+        sched._admit()
+        while sched.active_slots:
+            sched._decode()
+        sched._flush()
+        out = []
+        for h in handles:
+            events = list(h.iter_events(timeout=5))
+            out.append(("".join(e.text for e in events), [s.logprob for e in events for s in e.prompt_logprobs or []]))
+        return out
+
+    prompts = ["def f(x):", "import os", "class A:"]
+    eng.prefill_batch = counting
+    try:
+        together = run(prompts)
+        assert calls == [4]  # three requests, one pass, padded to the batch size
+        alone = [run([p])[0] for p in prompts]
+    finally:
+        eng.prefill_batch = real
+    for (t, lp), (t1, lp1) in zip(together, alone):
+        assert t == t1
+        assert lp[0] is None and np.allclose(lp[1:], lp1[1:], atol=1e-4)

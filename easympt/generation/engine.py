@@ -153,31 +153,34 @@ class GenerationEngine:
                            prefix.rows)
 
     def _insert(self, prefix: Prefix, state: DecodeState, slots) -> DecodeState:
-        """Rows `slots` [n] of `state` take the prefilled prompts; other rows are untouched."""
+        """Rows `slots` [n] of `state` take the prefilled prompts; other rows are untouched. A slot
+        index past the batch drops its row (a filler row of a padded prefill batch)."""
         prefix = prefix.replace(logprobs=None, prompt_logprobs=None)  # host-side results; one compiled insert
         c = state.cache
         new = self._start(prefix, capacity=c.max_length)
         P = prefix.cache.max_length
 
         def put(buf, rows):  # rows [n, K, P, D] into buf[slots, :, :P]
-            return buf.at[slots, :, :P].set(rows.astype(buf.dtype))
+            return buf.at[slots, :, :P].set(rows.astype(buf.dtype), mode="drop")
 
-        key_valid = c.key_valid.at[slots].set(False).at[slots, :P].set(prefix.cache.key_valid)
+        key_valid = c.key_valid.at[slots].set(False, mode="drop")
+        key_valid = key_valid.at[slots, :P].set(prefix.cache.key_valid, mode="drop")
         cache = c.replace(
             keys=tuple(put(b, r) for b, r in zip(c.keys, prefix.cache.keys)),
             values=tuple(put(b, r) for b, r in zip(c.values, prefix.cache.values)),
             key_valid=key_valid,
-            index=c.index.at[slots].set(prefix.cache.index),
-            n_tokens=c.n_tokens.at[slots].set(prefix.cache.n_tokens))
-        rows = jax.tree_util.tree_map(lambda a, b: a.at[slots].set(b), state.rows, new.rows)
+            index=c.index.at[slots].set(prefix.cache.index, mode="drop"),
+            n_tokens=c.n_tokens.at[slots].set(prefix.cache.n_tokens, mode="drop"))
+        put_rows = lambda a, b: a.at[slots].set(b, mode="drop")  # noqa: E731
+        rows = jax.tree_util.tree_map(put_rows, state.rows, new.rows)
         return DecodeState(
             cache=cache,
-            token=state.token.at[slots].set(new.token),
-            active=state.active.at[slots].set(new.active),
-            n_new=state.n_new.at[slots].set(new.n_new),
-            max_new=state.max_new.at[slots].set(new.max_new),
-            stop_ids=state.stop_ids.at[slots].set(new.stop_ids),
-            seen=state.seen.at[slots].set(new.seen),
+            token=put_rows(state.token, new.token),
+            active=put_rows(state.active, new.active),
+            n_new=put_rows(state.n_new, new.n_new),
+            max_new=put_rows(state.max_new, new.max_new),
+            stop_ids=put_rows(state.stop_ids, new.stop_ids),
+            seen=put_rows(state.seen, new.seen),
             rows=rows)
 
     def _generate(self, params, state: DecodeState, n_steps: int, with_logprobs: bool = False):
