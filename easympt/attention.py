@@ -119,6 +119,14 @@ def _blocks_to_visit(mask: AttentionMask, q_start, tq, tk, n_kb):
     return jnp.clip((last - first_slot) // tk + 1, 1, n_kb)
 
 
+def _block(q_block, k, v, j, tk, mask, slopes, scale, q_window, precision):
+    """Key block j: (k block, v block, its masked, biased scores against q_block)."""
+    ks = j * tk
+    kb = jax.lax.dynamic_slice_in_dim(k, ks, tk, axis=2)
+    vb = jax.lax.dynamic_slice_in_dim(v, ks, tk, axis=2)
+    return kb, vb, _scores(q_block, kb, mask, slopes, scale, q_window, (ks, tk), precision)
+
+
 def _forward(q, k, v, mask, slopes, scale, tq, tk, precision):
     """out [B, K, G, T, D] (float32) and log-sum-exp [B, K, G, T]; T, S multiples of tq, tk."""
     B, K, G, T, D = q.shape
@@ -130,10 +138,7 @@ def _forward(q, k, v, mask, slopes, scale, tq, tk, precision):
 
         def step(j, carry):
             m, l, acc = carry
-            ks = j * tk
-            kb = jax.lax.dynamic_slice_in_dim(k, ks, tk, axis=2)
-            vb = jax.lax.dynamic_slice_in_dim(v, ks, tk, axis=2)
-            s = _scores(qb, kb, mask, slopes, scale, (qs, tq), (ks, tk), precision)
+            _, vb, s = _block(qb, k, v, j, tk, mask, slopes, scale, (qs, tq), precision)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
@@ -172,9 +177,7 @@ def _backward(q, k, v, mask, slopes, scale, tq, tk, precision, out, lse, dout):
         def step(j, inner):
             dk, dv, dqb = inner
             ks = j * tk
-            kb = jax.lax.dynamic_slice_in_dim(k, ks, tk, axis=2)
-            vb = jax.lax.dynamic_slice_in_dim(v, ks, tk, axis=2)
-            s = _scores(qb, kb, mask, slopes, scale, (qs, tq), (ks, tk), precision)
+            kb, vb, s = _block(qb, k, v, j, tk, mask, slopes, scale, (qs, tq), precision)
             p = jnp.exp(s - lse_b[..., None])
             dv_b = jnp.einsum("bkgqs,bkgqd->bksd", p, dob, precision=precision)
             dp = jnp.einsum("bkgqd,bksd->bkgqs", dob, vb.astype(jnp.float32), precision=precision)

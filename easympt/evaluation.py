@@ -9,13 +9,13 @@ every token after the first window sees at least `max_length - stride` tokens of
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+
+from easympt.textfiles import is_jsonl, json_lines, read_text
 
 # windows [n][m_i] -> log-probabilities of tokens 1..m_i-1 of each window, given the tokens before
 Scorer = Callable[[list[list[int]]], list[np.ndarray]]
@@ -27,23 +27,12 @@ class EvalDataError(ValueError):
 
 def read_texts(path: str) -> list[str]:
     """A .txt file is one document; a JSONL file has one {"text": ...} document per line."""
-    if not os.path.isfile(path):
-        raise EvalDataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as fh:
-        raw = fh.read()
-    if not raw.strip():
-        raise EvalDataError(f"{path}: empty file")
-    if not path.endswith((".jsonl", ".json")):
+    raw = read_text(path, EvalDataError)
+    if not is_jsonl(path):
         return [raw]
     texts = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalDataError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+    for n, row in json_lines(path, raw, EvalDataError):
+        if not isinstance(row.get("text"), str):
             raise EvalDataError(f"{path}:{n}: needs a string 'text' field")
         texts.append(row["text"])
     return texts

@@ -9,12 +9,12 @@ document (nothing before it in its document predicts it).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from easympt.textfiles import is_jsonl, json_lines, read_text
 
 log = logging.getLogger("easympt.train")
 
@@ -32,24 +32,11 @@ class Example:
 def read_examples(path: str) -> list[tuple[str, str]]:
     """(prompt, text) pairs: a .txt file is one document per blank-line-separated block;
     JSONL lines carry {"text"} or {"prompt", "response"}."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as fh:
-        raw = fh.read()
-    if not raw.strip():
-        raise DataError(f"{path}: empty file")
-    if not path.endswith((".jsonl", ".json")):
+    raw = read_text(path, DataError)
+    if not is_jsonl(path):
         return [("", block.strip()) for block in raw.split("\n\n") if block.strip()]
     out = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object")
+    for n, row in json_lines(path, raw, DataError):
         if "prompt" in row and "response" in row:
             out.append((str(row["prompt"]), str(row["response"])))
         elif "text" in row:
