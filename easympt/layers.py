@@ -173,6 +173,8 @@ class MptAttention(MptModule):
             k = write_rows(layer_cache[0], k, write_index, axis=2)
             v = write_rows(layer_cache[1], v, write_index, axis=2)
             layer_cache = (k, v)
+            W = mask.k_slots.shape[0]  # a cache window: attend over its first W slots
+            k, v = k[:, :, :W], v[:, :, :W]
 
         scale = c.attn_config.softmax_scale or 1.0 / math.sqrt(D)
         slopes = None

@@ -62,7 +62,7 @@ class MptTransformer(MptModule):
         self.emb_drop = nn.Dropout(c.emb_pdrop)
 
     def __call__(self, input_ids, attention_mask=None, cache: KVCache | None = None, prefix_mask=None,
-                 sequence_id=None, deterministic=True):
+                 sequence_id=None, deterministic=True, cache_window: int | None = None):
         c = self.config
         B, T = input_ids.shape
         mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -93,9 +93,14 @@ class MptTransformer(MptModule):
             if sequence_id is not None:
                 raise ValueError("sequence_id (packed training documents) cannot be used with a KV cache")
             index = cache.index
-            k_slots = jnp.arange(cache.max_length, dtype=jnp.int32)
             key_valid = write_rows(cache.key_valid, mask, index)
             key_prefix = None if prefix is None else write_rows(jnp.zeros_like(key_valid), prefix, index)
+            # attend over the first `cache_window` slots only (the caller promises every row's keys lie
+            # there): decode then reads what rows hold, not the whole cache bucket
+            W = cache.max_length if cache_window is None else min(cache_window, cache.max_length)
+            k_slots = jnp.arange(W, dtype=jnp.int32)
+            cache_valid, key_valid = key_valid, key_valid[:, :W]
+            key_prefix = None if key_prefix is None else key_prefix[:, :W]
         q_slots = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
         attn_mask = AttentionMask(q_slots, k_slots, key_valid, key_prefix, sequence_id, sequence_id, causal=c.causal)
 
@@ -108,7 +113,7 @@ class MptTransformer(MptModule):
                 values.append(layer_cache[1])
         x = self.norm_f(x)
         if cache is not None:
-            cache = cache.replace(keys=tuple(keys), values=tuple(values), key_valid=key_valid,
+            cache = cache.replace(keys=tuple(keys), values=tuple(values), key_valid=cache_valid,
                                   index=index + T, n_tokens=cache.n_tokens + mask.sum(1).astype(jnp.int32))
         return x, cache
 
@@ -139,13 +144,14 @@ class MptForCausalLMModule(MptTaskModule):
             self.lm_head = self.dense(self.config.vocab_size, use_bias=False)
 
     def __call__(self, input_ids, attention_mask=None, cache=None, prefix_mask=None, sequence_id=None,
-                 deterministic=True, logits_slice=None):
+                 deterministic=True, logits_slice=None, cache_window: int | None = None):
         """logits [B, T, V] (float32) and the updated cache.
 
         `logits_slice` (start, size) projects only those positions onto the
         vocabulary: prefill needs one position, not T.
         """
-        h, cache = self.transformer(input_ids, attention_mask, cache, prefix_mask, sequence_id, deterministic)
+        h, cache = self.transformer(input_ids, attention_mask, cache, prefix_mask, sequence_id, deterministic,
+                                    cache_window)
         if logits_slice is not None:
             h = jax.lax.dynamic_slice_in_dim(h, logits_slice[0], logits_slice[1], axis=1)
         if self.config.tie_word_embeddings:

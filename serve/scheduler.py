@@ -286,11 +286,17 @@ class Scheduler:
         for the host to detokenize, and a client hears of each token one dispatch after it is made."""
         eng = self.engine
         occupants = [s.handle if s is not None and s.prefill is None else None for s in self.slots]
+        # attend over the slots rows can hold after this dispatch (prompt, tokens delivered, the
+        # dispatch in flight and this one), not over the whole cache
+        need = max(eng.padded_length(len(h.prompt_ids)) + h.completion_tokens + 2 * self.decode_steps + 2
+                   for h in occupants if h is not None)
+        window = eng.decode_window(need, self.state.cache.max_length)
         lps = None
         if any(h is not None and h.sampling.logprobs is not None for h in occupants):
-            self.state, out, lps = eng.generate_logprobs(eng.params, self.state, n_steps=self.decode_steps)
+            self.state, out, lps = eng.generate_logprobs(eng.params, self.state, n_steps=self.decode_steps,
+                                                         window=window)
         else:
-            self.state, out = eng.generate(eng.params, self.state, n_steps=self.decode_steps)
+            self.state, out = eng.generate(eng.params, self.state, n_steps=self.decode_steps, window=window)
         self.steps += 1
         # a copy: the next dispatch donates (and so deletes) the state's own buffers
         previous, self._pending = self._pending, (out, lps, jnp.copy(self.state.active), occupants)

@@ -277,3 +277,25 @@ def test_a_burst_of_requests_is_prefilled_in_one_pass(server):
     for (t, lp), (t1, lp1) in zip(together, alone):
         assert t == t1
         assert lp[0] is None and np.allclose(lp[1:], lp1[1:], atol=1e-4)
+
+
+def test_decode_attends_over_a_window_that_grows_with_the_rows(server, client, lm_checkpoint):
+    """The server decodes with the cache window its rows need (16, 32, 64, 128 slots here), and the
+    tokens equal the engine's over the whole cache."""
+    from easympt.generation import Generator
+
+    gen = Generator.from_pretrained(lm_checkpoint, max_length=256, max_compile_tokens=16, dtype="fp32",
+                                    progress=False)
+    gen.eos_ids = ()
+    prompt = "import os\nimport sys\n"
+    want = gen.generate(prompt, max_new_tokens=60, temperature=0).token_ids
+    server.scheduler.eos_ids, saved = (), server.scheduler.eos_ids
+    try:
+        r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 60, "temperature": 0,
+                                                 "logprobs": 0})
+    finally:
+        server.scheduler.eos_ids = saved
+    got = r.json()["choices"][0]["logprobs"]["tokens"]
+    assert got == [server.tokenizer.decode([t]) for t in want]
+    eng = server.engine
+    assert eng.decode_window(20, 256) == 32 and eng.decode_window(100, 256) == 128 and eng.decode_window(200, 256) is None

@@ -105,15 +105,19 @@ class GenerationEngine:
         self.finish = jax.jit(self._finish, static_argnames=("with_logprobs",), donate_argnums=(1,))
         self.insert = jax.jit(self._insert, donate_argnums=(1,))
         # one compiled decode loop without log-probabilities (the common case) and one with
-        self.generate = jax.jit(lambda params, state, n_steps: self._generate(params, state, n_steps)[:2],
-                                static_argnames=("n_steps",), donate_argnums=(1,))
-        self.generate_logprobs = jax.jit(lambda params, state, n_steps: self._generate(params, state, n_steps, True),
-                                         static_argnames=("n_steps",), donate_argnums=(1,))
+        # `window`: attend over the first `window` cache slots only (every row's keys must lie there)
+        self.generate = jax.jit(
+            lambda params, state, n_steps, window=None: self._generate(params, state, n_steps, False, window)[:2],
+            static_argnames=("n_steps", "window"), donate_argnums=(1,))
+        self.generate_logprobs = jax.jit(
+            lambda params, state, n_steps, window=None: self._generate(params, state, n_steps, True, window),
+            static_argnames=("n_steps", "window"), donate_argnums=(1,))
         self.start = jax.jit(self._start, donate_argnums=(0,))  # the decode state takes over the prefix's cache
 
     # ------------------------------------------------------------ device side
-    def _forward(self, params, tokens, mask, cache, logits_slice=None):
-        return self.model.module.apply({"params": params}, tokens, mask, cache, None, None, True, logits_slice)
+    def _forward(self, params, tokens, mask, cache, logits_slice=None, cache_window=None):
+        return self.model.module.apply({"params": params}, tokens, mask, cache, None, None, True, logits_slice,
+                                       cache_window)
 
     def _extend(self, params, tokens, mask, cache: KVCache, seen, next_tokens, with_logprobs: bool):
         """One prompt chunk [n, C] into `cache`: (cache, seen, last position's logits [n, V], and with
@@ -183,7 +187,8 @@ class GenerationEngine:
             seen=put_rows(state.seen, new.seen),
             rows=rows)
 
-    def _generate(self, params, state: DecodeState, n_steps: int, with_logprobs: bool = False):
+    def _generate(self, params, state: DecodeState, n_steps: int, with_logprobs: bool = False,
+                  window: int | None = None):
         """Up to n_steps decode steps; tokens [B, n_steps] (-1 where a row emitted nothing), and with
         `with_logprobs` their TokenLogprobs [B, n_steps]."""
         B = state.token.shape[0]
@@ -200,7 +205,7 @@ class GenerationEngine:
 
         def body(carry):
             i, st, out, lps = carry
-            logits, cache = self._forward(params, st.token[:, None], st.active[:, None], st.cache)
+            logits, cache = self._forward(params, st.token[:, None], st.active[:, None], st.cache, cache_window=window)
             # inactive rows wrote nothing valid; keep their write position
             cache = cache.replace(index=jnp.where(st.active, cache.index, st.cache.index))
             token = sample(logits[:, 0], st.rows, st.n_new, st.seen)
@@ -301,6 +306,17 @@ class GenerationEngine:
             return "length"
         room = self.max_length - self.padded_length(prompt_len) + 1
         return "length" if n_emitted >= room else "stop"
+
+    def decode_window(self, slots_needed: int, cache_len: int) -> int | None:
+        """The cache window a decode dispatch may attend over when no row needs more than
+        `slots_needed` slots: a prompt bucket (few compiled shapes), or None for the whole cache."""
+        for b in self.buckets:
+            if slots_needed <= b:
+                return b if b < cache_len else None
+        w = self.prefill_chunk
+        while w < slots_needed:
+            w *= 2
+        return w if w < cache_len else None
 
     def decode_cache_len(self, prompt_bucket: int, max_new_tokens: int) -> int:
         """A power-of-two cache length with room for the whole request, capped at max_length."""
