@@ -21,7 +21,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: fp32 on CPU, bf16 on GPU/TPU)")
     p.add_argument("--max-length", type=int, default=2048, help="prompt + generated tokens per request")
     p.add_argument("--max-compile-tokens", type=int, default=64,
-                   help="decode steps per dispatch and the smallest prompt bucket")
+                   help="the smallest prompt bucket (for generate also the decode steps per dispatch)")
 
 
 def cmd_generate(args) -> int:
@@ -136,7 +136,7 @@ def cmd_serve(args) -> int:
         print(f"no MODEL given: serving the bundled demo model at {source}", file=sys.stderr)
     overrides = {"host": args.host, "port": args.port, "max_length": args.max_length,
                  "max_compile_tokens": args.max_compile_tokens, "batch_size": args.batch_size,
-                 "prefill_chunk": args.prefill_chunk,
+                 "prefill_chunk": args.prefill_chunk, "decode_steps": args.decode_steps,
                  "pre_compile": not args.no_precompile}
     if args.dtype:
         overrides["dtype"] = args.dtype
@@ -296,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--mesh", default=None, help="mesh shape dp,fsdp,tp,sp, e.g. 1,-1,1,1")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or EASYMPT_API_KEY)")
+    p.add_argument("--decode-steps", type=int, default=1,
+                   help="decode steps per engine dispatch (1: stream every token as it is made)")
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="longer prompts are prefilled this many tokens at a time, between other requests' decode steps")
     p.add_argument("--share", action="store_true", help="ask Gradio for public share links")
