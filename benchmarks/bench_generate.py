@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -110,6 +111,30 @@ def measure(run, prompts_1, prompts_8, prompts_long) -> dict:
     return out
 
 
+def run_llama_cpp(ckpt: str, src: str, p1: list[int], plong: list[int], ours: dict) -> dict:
+    """llama.cpp on f32 and f16 GGUFs of the same checkpoint, each in a child process."""
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = {}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump({"b1": p1, "long": plong}, fh)
+    for outtype in ("f32", "f16"):
+        child = subprocess.run([sys.executable, os.path.join(here, "llama_cpp_peer.py"), ckpt, "--llama-cpp-src", src,
+                                "--outtype", outtype, "--prompts", fh.name], capture_output=True, text=True, check=True)
+        peer = json.loads(child.stdout.strip().splitlines()[-1])
+        if "skipped" not in peer:
+            peer["ratio_decode_b1"] = ours["decode_tok_s_b1"] / peer["decode_tok_s_b1"]
+            peer["ratio_ttft"] = peer["ttft_512_s"] / ours["ttft_512_s"]
+            same = sum(x == y for x, y in zip(ours["greedy_b1"][0], peer["greedy_b1"][0]))
+            peer["greedy_match_b1"] = f"{same}/{len(peer['greedy_b1'][0])}"
+            peer.pop("greedy_b1")
+        out[outtype] = peer
+        if "skipped" in peer:
+            break
+    return out
+
+
 def measure_peer(path: str, dtype: str) -> int:
     """transformers on the GPU when JAX has one (in easympt's dtype), else on the CPU."""
     import torch
@@ -133,6 +158,9 @@ def main() -> int:
     ap.add_argument("--dtype", default=None, help="easympt compute/param dtype (default: by backend)")
     ap.add_argument("--max-compile-tokens", type=int, default=64)
     ap.add_argument("--skip-torch", action="store_true", help="no peer (e.g. on a GPU box without torch CUDA)")
+    ap.add_argument("--llama-cpp-src", default=None,
+                    help="llama.cpp's converter source (an unpacked llama-cpp-python sdist): adds llama.cpp as a "
+                         "peer, f32 and f16 GGUFs of the same checkpoint, batch 1 (needs llama-cpp-python)")
     ap.add_argument("--peer", metavar="CKPT", help=argparse.SUPPRESS)  # internal: measure transformers only
     ap.add_argument("--peer-dtype", default="float32", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -173,8 +201,6 @@ def main() -> int:
                   "roofline_fraction_b1": ours["decode_tok_s_b1"] / roofline}
         if not args.skip_torch:
             # the peer runs in a child process of this run, so JAX's thread pool cannot slow it down
-            import subprocess
-
             child = subprocess.run([sys.executable, __file__, "--peer", tmp, "--peer-dtype", result["dtype"]],
                                    capture_output=True, text=True, check=True)
             theirs = json.loads(child.stdout.strip().splitlines()[-1])
@@ -185,6 +211,9 @@ def main() -> int:
             for b in ("b1", "b8"):
                 same = [sum(x == y for x, y in zip(a, t)) for a, t in zip(ours[f"greedy_{b}"], theirs[f"greedy_{b}"])]
                 result[f"greedy_match_{b}"] = f"{sum(same)}/{sum(len(t) for t in theirs[f'greedy_{b}'])}"
+
+        if args.llama_cpp_src:
+            result["llama_cpp"] = run_llama_cpp(tmp, args.llama_cpp_src, p1[0].tolist(), plong[0].tolist(), ours)
 
     print(f"{'':24s}{'easympt':>12s}{'transformers':>14s}{'ratio':>8s}")
     for key, better in (("decode_tok_s_b1", "x"), ("decode_tok_s_b8", "x"), ("ttft_512_s", "t")):
@@ -200,6 +229,13 @@ def main() -> int:
         print(f"transformers step growth (2nd half / 1st half of 128 steps; ~1 with a KV cache): "
               f"b1 {t['step_growth_b1']:.2f}, b8 {t['step_growth_b8']:.2f}")
         print(f"same greedy tokens as transformers: b1 {result['greedy_match_b1']}, b8 {result['greedy_match_b8']}")
+    for outtype, peer in result.get("llama_cpp", {}).items():
+        if "skipped" in peer:
+            print(f"llama.cpp: skipped ({peer['skipped']})")
+            break
+        print(f"llama.cpp {outtype}: decode b1 {peer['decode_tok_s_b1']:.1f} tok/s (easympt "
+              f"{peer['ratio_decode_b1']:.2f}x), TTFT 512 {peer['ttft_512_s']:.3f} s (easympt {peer['ratio_ttft']:.2f}x), "
+              f"same greedy tokens {peer['greedy_match_b1']}")
     for side in ("easympt", "transformers"):
         for b in ("b1", "b8"):
             result.get(side, {}).pop(f"greedy_{b}", None)
