@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,19 +29,9 @@ from easympt import FlaxMptForCausalLM, MptConfig
 from easympt.dtypes import resolve_dtype
 from easympt.generation import GenerationEngine, SamplingConfig
 from easympt.transform import mpt_from_pretrained
+from timing import median_time
 
 PROMPT, NEW, LONG_PROMPT = 32, 128, 512
-
-
-def median_time(fn, reps=3, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def memory_bandwidth(nbytes=1 << 30) -> float:

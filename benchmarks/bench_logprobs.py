@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_generate import median_time
 from easympt import FlaxMptForCausalLM, MptConfig
 from easympt.generation import GenerationEngine, SamplingConfig
+from timing import median_time
 
 
 def main(argv=None) -> int:

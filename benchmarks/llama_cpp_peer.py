@@ -17,15 +17,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
+
+from timing import median_time
 
 # the converter needs a tokenizer beside the weights whose pre-tokenizer it knows: gpt-neox-20b's,
 # which every MosaicML MPT uses, is kept verbatim as a test fixture
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures",
                              "hub", "mosaicml", "mpt-7b-instruct")
-NEW = 128
+NEW = 128  # new tokens, as bench_generate
 
 
 def converter(src: str) -> str | None:
@@ -78,14 +79,7 @@ def measure(gguf: str, p1: list[int], plong: list[int], reps: int = 3) -> dict:
                 llm.eval([out[-1]])
         return out
 
-    def median(fn):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
+    median = lambda fn: median_time(fn, reps=reps)  # noqa: E731
 
     t_full, t_one = median(lambda: greedy(p1, NEW)), median(lambda: greedy(p1, 1))
     return {"decode_tok_s_b1": (NEW - 1) / (t_full - t_one), "ttft_512_s": median(lambda: greedy(plong, 1)),
