@@ -67,6 +67,11 @@ def bucket_for(n: int, buckets) -> int:
     raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]}")
 
 
+def _following(tokens):
+    """Each position's next token [n, P] (the last repeats: it scores nothing anyone reads)."""
+    return jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+
+
 def _shift_scores(lp: TokenLogprobs) -> TokenLogprobs:
     """Scores of each position's following token -> scores of each position's own token (position 0
     gets the first entry again: it has no score and callers skip it)."""
@@ -140,8 +145,7 @@ class GenerationEngine:
         n, P = tokens.shape
         cache = KVCache.zeros(self.config, n, cache_len, self.model.dtype)
         seen = jnp.zeros((n, self.config.vocab_size), bool)
-        following = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
-        cache, seen, last, lp = self._extend(params, tokens, mask, cache, seen, following, with_logprobs)
+        cache, seen, last, lp = self._extend(params, tokens, mask, cache, seen, _following(tokens), with_logprobs)
         prefix = self._finish(last, cache, seen, rows, max_new, stop_ids, with_logprobs)
         return prefix.replace(prompt_logprobs=_shift_scores(lp)) if with_logprobs else prefix
 
@@ -339,7 +343,7 @@ class ChunkedPrefill:
         # a first chunk of the remainder (a prompt bucket), then full chunks
         first = P % C
         self.bounds = ([(0, first)] if first else []) + [(b, b + C) for b in range(first, P, C)]
-        self.following = jnp.concatenate([self.tokens[:, 1:], self.tokens[:, -1:]], axis=1)
+        self.following = _following(self.tokens)
         self.with_logprobs = any(c.wants_logprobs for c in configs)
         self.stop_ids = engine.stop_table(configs, eos_ids)
         n = len(prompts)
