@@ -148,6 +148,17 @@ def cmd_serve(args) -> int:
         overrides["api_key"] = args.api_key
     config = JaxServerConfig(**overrides)
     server = MPTJaxServer.from_pretrained(source, config=config)
+    import jax
+
+    if jax.process_index() != 0:  # process 0 serves HTTP; this one repeats its engine calls
+        print(f"easympt process {jax.process_index()} of {jax.process_count()}: following process 0, which "
+              "serves HTTP", flush=True)
+        try:
+            server.follow()
+        except RuntimeError as e:
+            print(f"easympt serve: error: {e}", file=sys.stderr)
+            return 1
+        return 0
     server.fire()
     urls = server.launch(share_chat=args.share, share_inst=args.share) if not args.no_gradio else {}
     print(f"easympt is serving on {server.url}  (REST: /chat /instruct /v1/...; docs: {server.url}/docs)")

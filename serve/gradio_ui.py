@@ -35,13 +35,13 @@ def _stream(server, prompt: str, sampling):
     """Yield the growing reply; cancel the slot when Gradio stops the generator."""
     import gradio as gr
 
-    from easympt.serve.scheduler import QueueFull
+    from easympt.serve.scheduler import EngineUnavailable, QueueFull
     from easympt.serve.server import PromptError
 
     try:
         ids = server.encode_prompt(prompt, sampling.max_new_tokens, truncate=True)
         handle = server.scheduler.submit(ids, sampling)
-    except (PromptError, QueueFull, ValueError) as e:
+    except (PromptError, QueueFull, EngineUnavailable, ValueError) as e:
         raise gr.Error(str(e)) from None
     text, final = "", False
     try:

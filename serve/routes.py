@@ -8,13 +8,14 @@ import hmac
 import time
 from dataclasses import dataclass
 
+import jax
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from easympt.serve.scheduler import QueueFull
+from easympt.serve.scheduler import EngineUnavailable, QueueFull
 from easympt.serve.server import PromptError
 
 
@@ -121,7 +122,8 @@ async def run_to_completion(server, prompt: str | list[int], sampling, truncate:
         if reason is None:
             handle.cancel()
     if reason == "error":
-        raise HTTPException(500, error or "generation failed")
+        unavailable = server.scheduler.unavailable
+        raise HTTPException(503 if unavailable else 500, unavailable or error or "generation failed")
     return Completion("".join(parts), len(ids), handle.completion_tokens, reason, ids, token_ids,
                       scores if sampling.logprobs is not None else None, prompt_scores)
 
@@ -176,6 +178,10 @@ def build_app(server) -> FastAPI:
     async def on_full(request: Request, exc: QueueFull):
         return JSONResponse(error_body(429, str(exc), "rate_limit_error"), 429, headers={"Retry-After": "1"})
 
+    @app.exception_handler(EngineUnavailable)
+    async def on_unavailable(request: Request, exc: EngineUnavailable):
+        return JSONResponse(error_body(503, f"the server cannot generate: {exc}", "server_error"), 503)
+
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception):
         import logging
@@ -185,6 +191,8 @@ def build_app(server) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if server.scheduler.unavailable:
+            return JSONResponse({"status": "unavailable", "reason": server.scheduler.unavailable}, 503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -197,7 +205,7 @@ def build_app(server) -> FastAPI:
         m = server.model.config
         return {
             "model": cfg.model_name, "status": "ready", "uptime_s": round(time.time() - server.started_at, 1),
-            "devices": [str(d) for d in server.params_devices()],
+            "devices": [str(d) for d in server.params_devices()], "processes": jax.process_count(),
             "active_slots": server.scheduler.active_slots, "batch_size": cfg.batch_size,
             "queue": server.scheduler.waiting.qsize(), "max_length": cfg.max_length,
             "max_new_tokens": cfg.max_new_tokens, "max_compile_tokens": cfg.max_compile_tokens,

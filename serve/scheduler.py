@@ -19,19 +19,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from easympt.generation.engine import ChunkedPrefill, GenerationEngine
+from easympt.generation.engine import GenerationEngine
 from easympt.generation.sampling import SamplingConfig
 from easympt.generation.text import IncrementalText
+from easympt.serve.device_batch import Admitted, DeviceBatch
 
 log = logging.getLogger("easympt.serve")
 
 
 class QueueFull(Exception):
     """The waiting queue is at its limit (HTTP 429)."""
+
+
+class EngineUnavailable(Exception):
+    """The engine cannot run any more (a process of a multi-process server is gone): HTTP 503."""
 
 
 @dataclass
@@ -113,30 +114,39 @@ class RequestHandle:
 class _Slot:
     handle: RequestHandle
     text: IncrementalText
-    prefill: ChunkedPrefill | None = None  # a long prompt still being prefilled, one chunk per engine step
+    prefilling: bool = False  # a long prompt still being prefilled, one chunk per engine step
 
 
 class Scheduler:
+    PING_INTERVAL_S = 1.0  # how often an idle multi-process server checks that its followers answer
+
     def __init__(self, engine: GenerationEngine, tokenizer, batch_size: int, eos_ids: tuple[int, ...],
-                 max_queue: int = 64, request_timeout_s: float = 600.0, metrics=None, decode_steps: int = 1):
+                 max_queue: int = 64, request_timeout_s: float = 600.0, metrics=None, decode_steps: int = 1,
+                 device=None):
+        """device: the DeviceBatch to drive (default: a new one; a multi-process server passes the
+        lockstep.Leader that also sends every call to the other processes)."""
         self.engine, self.tokenizer = engine, tokenizer
+        self.device = device if device is not None else DeviceBatch(engine, batch_size, eos_ids)
         self.batch_size = batch_size
         self.eos_ids = eos_ids
         self.request_timeout_s = request_timeout_s
         self.metrics = metrics
         self.waiting: queue.Queue[RequestHandle] = queue.Queue(maxsize=max_queue)
         self.slots: list[_Slot | None] = [None] * batch_size
-        self.state = None
+        self.unavailable: str | None = None  # why the engine cannot run any more
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.decode_steps = decode_steps
-        self._pending = None  # the decode dispatch in flight: (tokens, logprobs, active, occupants)
+        self._pending = None  # who occupied each row when the dispatch in flight was made
         self._last_delivery: float | None = None
+        self._last_ping = 0.0
 
     # ------------------------------------------------------------ public side
     def submit(self, prompt_ids: list[int], sampling: SamplingConfig,
                loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        if self.unavailable:
+            raise EngineUnavailable(self.unavailable)
         handle = RequestHandle(prompt_ids, sampling, loop)
         try:
             self.waiting.put_nowait(handle)
@@ -148,7 +158,7 @@ class Scheduler:
 
     def start(self) -> None:
         if self._thread is None:
-            self.state = self.engine.empty_state(self.batch_size)
+            self.device.reset()
             self._thread = threading.Thread(target=self._loop, name="easympt-engine", daemon=True)
             self._thread.start()
 
@@ -157,12 +167,21 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        self._end_all("cancelled", "server shutting down")
+        if hasattr(self.device, "stop_followers") and not self.unavailable:
+            try:
+                self.device.stop_followers()
+            except Exception as e:  # noqa: BLE001 - already gone: nothing left to stop
+                log.warning("could not stop the follower processes: %s", e)
+
+    def _end_all(self, reason: str, error: str | None, waiting: bool = True) -> None:
+        """End every running request (and with `waiting` every waiting one) with `reason`."""
         for i, s in enumerate(self.slots):
             if s is not None:
-                s.handle.put(Event(finish_reason="cancelled", error="server shutting down"))
+                s.handle.put(Event(finish_reason=reason, error=error))
                 self.slots[i] = None
-        while not self.waiting.empty():
-            self.waiting.get_nowait().put(Event(finish_reason="cancelled", error="server shutting down"))
+        while waiting and not self.waiting.empty():
+            self.waiting.get_nowait().put(Event(finish_reason=reason, error=error))
 
     @property
     def active_slots(self) -> int:
@@ -170,6 +189,7 @@ class Scheduler:
 
     # ------------------------------------------------------------ engine side
     def _loop(self) -> None:
+        lockstep = hasattr(self.device, "stop_followers")
         while not self._stop.is_set():
             try:
                 self._admit()
@@ -178,21 +198,27 @@ class Scheduler:
                     try:
                         handle = self.waiting.get(timeout=0.05)
                     except queue.Empty:
+                        if lockstep and time.monotonic() - self._last_ping > self.PING_INTERVAL_S:
+                            self.device.ping()
+                            self._last_ping = time.monotonic()
                         continue
                     self._admit(first=handle)
                     continue
                 self._prefill_chunks()
-                if any(s is not None and s.prefill is None for s in self.slots):
+                if any(s is not None and not s.prefilling for s in self.slots):
                     self._decode()
                 else:
                     self._flush()
             except Exception as e:  # a failed step must not take the server down
+                self._pending = None
+                if lockstep:  # the processes may no longer be in step: nothing more can run
+                    self.unavailable = f"the engine stopped: {e}"
+                    log.error("multi-process engine stopped; the server now answers 503: %s", e)
+                    self._end_all("error", self.unavailable)
+                    return
                 log.exception("engine step failed")
-                for i, s in enumerate(self.slots):
-                    if s is not None:
-                        s.handle.put(Event(finish_reason="error", error=f"generation failed: {e}"))
-                        self.slots[i] = None
-                self.state, self._pending = self.engine.empty_state(self.batch_size), None
+                self._end_all("error", f"generation failed: {e}", waiting=False)
+                self.device.reset()
 
     def _admit(self, first: RequestHandle | None = None) -> None:
         """Start waiting requests while decode slots are free: long prompts as chunked prefills, the
@@ -212,9 +238,9 @@ class Scheduler:
                 handle.put(Event(finish_reason="cancelled"))
             elif len(handle.prompt_ids) > self.engine.prefill_chunk:  # chunk by chunk, between decode steps
                 slot = self.slots.index(None)
-                job = self.engine.start_prefill([handle.prompt_ids], [handle.sampling], self.eos_ids,
-                                                cache_len=self.state.cache.max_length)
-                self.slots[slot] = _Slot(handle, IncrementalText(self.tokenizer, handle.sampling.stop), prefill=job)
+                self.device.start_long(slot, handle.prompt_ids, handle.sampling)
+                self.slots[slot] = _Slot(handle, IncrementalText(self.tokenizer, handle.sampling.stop),
+                                         prefilling=True)
             else:
                 batch.append(handle)
         if batch:
@@ -229,35 +255,32 @@ class Scheduler:
         filler = SamplingConfig(temperature=0.0, max_new_tokens=1)
         rows += [[0]] * (n - len(handles))
         configs += [filler] * (n - len(handles))
-        prefix = self.engine.prefill_batch(rows, configs, self.eos_ids)
         slots = free + [self.batch_size] * (n - len(handles))  # an out-of-range slot: the row is dropped
+        admitted = self.device.admit(slots, rows, configs)
         texts = [IncrementalText(self.tokenizer, h.sampling.stop) for h in handles]
-        self._begin(slots, handles, texts, prefix)
+        self._begin(slots, handles, texts, admitted)
 
     def _prefill_chunks(self) -> None:
         """One chunk of each long prompt being prefilled; a finished one joins the decode batch."""
         for slot, s in enumerate(self.slots):
-            if s is None or s.prefill is None:
+            if s is None or not s.prefilling:
                 continue
             if s.handle.cancelled.is_set():
                 s.handle.put(Event(finish_reason="cancelled"))
                 self.slots[slot] = None
+                self.device.drop_long(slot)
                 continue
-            s.prefill.step()
-            if s.prefill.done:
-                prefix, s.prefill = s.prefill.prefix, None
-                self._begin([slot], [s.handle], [s.text], prefix)
+            admitted = self.device.chunk(slot)
+            if admitted is not None:
+                s.prefilling = False
+                self._begin([slot], [s.handle], [s.text], admitted)
 
-    def _begin(self, slots: list[int], handles: list[RequestHandle], texts: list[IncrementalText], prefix) -> None:
-        """Prefilled requests (prefix row r is handles[r]): insert them into their decode slots and
-        report each first token, with its scores when asked (from this same prefill pass)."""
-        firsts = np.asarray(prefix.token)
-        lp = plp = None
-        if any(h.sampling.wants_logprobs for h in handles):
-            lp, plp = jax.device_get((prefix.logprobs, prefix.prompt_logprobs))
-            lp = jax.tree_util.tree_map(lambda x: x[:, None], lp)
-        self.state = self.engine.insert(prefix, self.state, jnp.asarray(slots, jnp.int32))
-        active, n_new = np.asarray(self.state.active), np.asarray(self.state.n_new)
+    def _begin(self, slots: list[int], handles: list[RequestHandle], texts: list[IncrementalText],
+               admitted: Admitted) -> None:
+        """Requests now in their decode slots (prefix row r is handles[r]): report each first token,
+        with its scores when asked (from this same prefill pass)."""
+        firsts, active, n_new = admitted.firsts, admitted.active, admitted.n_new
+        lp, plp = admitted.logprobs, admitted.prompt_logprobs
         now = time.monotonic()
         for r, (slot, handle, text) in enumerate(zip(slots, handles, texts)):
             sampling, ids = handle.sampling, handle.prompt_ids
@@ -285,33 +308,28 @@ class Scheduler:
         dispatch's tokens while this one runs (JetStream's async dispatch): the device never waits
         for the host to detokenize, and a client hears of each token one dispatch after it is made."""
         eng = self.engine
-        occupants = [s.handle if s is not None and s.prefill is None else None for s in self.slots]
+        occupants = [s.handle if s is not None and not s.prefilling else None for s in self.slots]
         # attend over the slots rows can hold after this dispatch (prompt, tokens delivered, the
         # dispatch in flight and this one), not over the whole cache
         need = max(eng.padded_length(len(h.prompt_ids)) + h.completion_tokens + 2 * self.decode_steps + 2
                    for h in occupants if h is not None)
-        window = eng.decode_window(need, self.state.cache.max_length)
-        lps = None
-        if any(h is not None and h.sampling.logprobs is not None for h in occupants):
-            self.state, out, lps = eng.generate_logprobs(eng.params, self.state, n_steps=self.decode_steps,
-                                                         window=window)
-        else:
-            self.state, out = eng.generate(eng.params, self.state, n_steps=self.decode_steps, window=window)
+        window = eng.decode_window(need, self.device.cache_len)
+        with_logprobs = any(h is not None and h.sampling.logprobs is not None for h in occupants)
+        self.device.decode(self.decode_steps, window, with_logprobs)
         self.steps += 1
-        # a copy: the next dispatch donates (and so deletes) the state's own buffers
-        previous, self._pending = self._pending, (out, lps, jnp.copy(self.state.active), occupants)
+        previous, self._pending = self._pending, occupants
         if previous is not None:
-            self._deliver_dispatch(*previous)
+            self._deliver_dispatch(previous)
 
     def _flush(self) -> None:
         """Deliver the dispatch still in flight (nothing else will run after it)."""
         if self._pending is not None:
             previous, self._pending = self._pending, None
-            self._deliver_dispatch(*previous)
+            self._deliver_dispatch(previous)
 
-    def _deliver_dispatch(self, out, lps, active, occupants) -> None:
-        out, active = np.asarray(out), np.asarray(active)  # waits for that dispatch only
-        lps = None if lps is None else jax.device_get(lps)
+    def _deliver_dispatch(self, occupants) -> None:
+        done = self.device.collect()  # waits for that dispatch only
+        out, lps, active = done.tokens, done.logprobs, done.active
         now, n_tokens = time.monotonic(), 0
         for i, s in enumerate(self.slots):
             if s is None or s.handle is not occupants[i]:  # freed, or refilled since that dispatch
@@ -330,7 +348,7 @@ class Scheduler:
         # rows whose request ended on the host (stop string, disconnect, timeout) stop on the device too
         stale = [i for i, s in enumerate(self.slots) if s is None and active[i]]
         if stale:
-            self.state = self.state.replace(active=self.state.active.at[jnp.asarray(stale)].set(False))
+            self.device.deactivate(stale)
 
     def _deliver(self, slot: int, ids: list[int], finished: bool, scores: list[TokenScore] | None = None,
                  prompt_scores: list[TokenScore] | None = None) -> None:

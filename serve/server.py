@@ -9,15 +9,27 @@ import time
 
 import jax
 
+from easympt.distributed import is_leader
 from easympt.dtypes import resolve_dtype
 from easympt.generation.engine import GenerationEngine
 from easympt.generation.sampling import SamplingConfig
 from easympt.model import FlaxMptForCausalLM, unwrap_params
 from easympt.serve.config import JaxServerConfig
+from easympt.serve.device_batch import DeviceBatch
 from easympt.serve.metrics import ServerMetrics
+from easympt.serve.lockstep import Leader, follow
 from easympt.serve.scheduler import Scheduler
 
 log = logging.getLogger("easympt.serve")
+
+
+def serving_mesh(cfg: JaxServerConfig):
+    """The mesh over every device of every process, or None for one device."""
+    if len(jax.devices()) == 1:
+        return None
+    from easympt.sharding import create_mesh
+
+    return create_mesh(cfg.mesh_axes_shape, cfg.mesh_axes_names)
 
 
 class PromptError(ValueError):
@@ -30,7 +42,7 @@ class JAXServer:
     def __init__(self, config: JaxServerConfig | dict | None = None):
         self.config = config if isinstance(config, JaxServerConfig) else JaxServerConfig(**(config or {}))
         self.metrics = ServerMetrics()
-        self.model = self.params = self.tokenizer = self.engine = self.scheduler = None
+        self.model = self.params = self.tokenizer = self.engine = self.scheduler = self.device_batch = None
         self._uvicorn = None
         self._thread: threading.Thread | None = None
         self._app = None
@@ -54,7 +66,7 @@ class JAXServer:
                              "the engine left-pads every prompt")
         dtype = None if cfg.dtype == "auto" else resolve_dtype(cfg.dtype)
         params = unwrap_params(params)
-        mesh = server._mesh()
+        mesh = serving_mesh(cfg)
         if mesh is not None:
             from easympt.sharding import shardings_for
 
@@ -66,18 +78,28 @@ class JAXServer:
         server.engine = GenerationEngine(model, params, max_length=cfg.max_length,
                                          max_compile_tokens=cfg.max_compile_tokens, prefill_chunk=cfg.prefill_chunk)
         eos = {config_model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
-        server.scheduler = Scheduler(server.engine, tokenizer, cfg.batch_size,
-                                     tuple(sorted(i for i in eos if i is not None)), max_queue=cfg.max_queue,
+        eos = tuple(sorted(i for i in eos if i is not None))
+        server.device_batch = DeviceBatch(server.engine, cfg.batch_size, eos)
+        # more than one process: this one's device calls are repeated by the others (serve/lockstep.py)
+        device = Leader(server.device_batch) if jax.process_count() > 1 else server.device_batch
+        server.scheduler = Scheduler(server.engine, tokenizer, cfg.batch_size, eos, max_queue=cfg.max_queue,
                                      request_timeout_s=cfg.request_timeout_s, metrics=server.metrics,
-                                     decode_steps=cfg.decode_steps)
+                                     decode_steps=cfg.decode_steps, device=device)
         if verbose or cfg.verbose:
             logging.getLogger("easympt").setLevel(logging.INFO)
         if cfg.pre_compile:
-            server.compile()
+            server.compile()  # every process compiles the same programs in the same order
         if do_memory_log:
             server.log_memory()
-        server.scheduler.start()
+        if is_leader():
+            server.scheduler.start()
         return server
+
+    def follow(self) -> None:
+        """On a process other than 0: repeat process 0's engine calls until it shuts down."""
+        if is_leader():
+            raise RuntimeError("process 0 serves; follow() is for the other processes")
+        follow(self.device_batch)
 
     @classmethod
     def from_pretrained(cls, source: str, tokenizer=None, config: JaxServerConfig | dict | None = None,
@@ -91,19 +113,15 @@ class JAXServer:
         cfg = config if isinstance(config, JaxServerConfig) else JaxServerConfig(**(config or {}))
         ckpt = resolve_checkpoint_dir(source)
         dtype = dtype or (None if cfg.dtype == "auto" else cfg.dtype)
+        if "device" not in load_kwargs and "mesh" not in load_kwargs:
+            # each process reads only the slices its own devices hold
+            load_kwargs["mesh"] = serving_mesh(cfg)
         params, model_config = mpt_from_pretrained(ckpt, dtype=dtype, **load_kwargs)
         model = FlaxMptForCausalLM(model_config, dtype=dtype, _do_init=False)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(ckpt)
         if cfg.model_name == JaxServerConfig().model_name:
             cfg = cfg.model_copy(update={"model_name": source.rstrip("/").split("/")[-1]})
         return cls.load_from_params(params, model, model_config, tokenizer=tokenizer, config=cfg)
-
-    def _mesh(self):
-        if len(jax.devices()) == 1:
-            return None
-        from easympt.sharding import create_mesh
-
-        return create_mesh(self.config.mesh_axes_shape, self.config.mesh_axes_names)
 
     def compile(self) -> float:
         """Compile every prefill bucket, insert and the decode step before traffic."""

@@ -242,3 +242,42 @@ def wait_for_health(proc, url: str, timeout_s: float = 300) -> None:
             pass
         time.sleep(0.5)
     raise AssertionError(f"{url}/health did not answer within {timeout_s:.0f} s")
+
+
+def launch_processes(argv: list[str], n: int = 2, devices_each: int = 4, log_dir=None) -> list:
+    """`argv` as n local JAX processes of `devices_each` CPU devices joined through EASYMPT_* variables
+    (as n hosts of a pod would be); stdout and stderr together, as text, piped or (long-running
+    processes, whose pipes nobody drains) into `log_dir`/process-<i>.log."""
+    import subprocess
+
+    port = free_port()
+    procs = []
+    for i in range(n):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}",
+               "EASYMPT_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "EASYMPT_NUM_PROCESSES": str(n),
+               "EASYMPT_PROCESS_ID": str(i), "PYTHONUNBUFFERED": "1"}
+        out = subprocess.PIPE if log_dir is None else open(os.path.join(log_dir, f"process-{i}.log"), "w")
+        procs.append(subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def finish_processes(procs, timeout_s: float = 300) -> list[str]:
+    """Each process's output once all have exited 0 (the output of any that did not, in the failure)."""
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout_s)
+        except Exception:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append(out)
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{out[-4000:]}"
+    return outs
+
+
+def report_of(output: str) -> dict:
+    """The JSON a worker script printed after 'REPORT '."""
+    return json.loads([line for line in output.splitlines() if line.startswith("REPORT ")][-1][len("REPORT "):])

@@ -1,13 +1,10 @@
 """easympt.distributed: two local processes joined by jax.distributed (4 CPU devices each) see one
 8-device world; the CLI's flags and optional-package checks."""
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
-from conftest import free_port
+from conftest import finish_processes, launch_processes, report_of
 
 WORKER = r"""
 import json, sys
@@ -19,25 +16,13 @@ mesh = Mesh(np.asarray(jax.devices()).reshape(8), ("fsdp",))
 local = np.arange(4, dtype=np.float32) + 4 * jax.process_index()
 x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("fsdp")), local)
 total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
-print(json.dumps({"devices": jax.device_count(), "local": jax.local_device_count(), "index": jax.process_index(),
+print("REPORT " + json.dumps({"devices": jax.device_count(), "local": jax.local_device_count(), "index": jax.process_index(),
                   "leader": easympt.distributed.is_leader(), "sum": float(total)}))
 """
 
 
-def test_two_processes_see_one_world(tmp_path):
-    port = free_port()
-    procs = []
-    for i in range(2):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-               "EASYMPT_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "EASYMPT_NUM_PROCESSES": "2",
-               "EASYMPT_PROCESS_ID": str(i)}
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
-        outs.append(json.loads(out.strip().splitlines()[-1]))
+def test_two_processes_see_one_world():
+    outs = [report_of(out) for out in finish_processes(launch_processes([sys.executable, "-c", WORKER]), timeout_s=240)]
     assert [o["index"] for o in outs] == [0, 1] and [o["leader"] for o in outs] == [True, False]
     for o in outs:
         assert o["devices"] == 8 and o["local"] == 4 and o["sum"] == sum(range(8))

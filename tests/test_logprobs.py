@@ -1,6 +1,7 @@
 """OpenAI logprobs, echo and token-id prompts on /v1/completions and /v1/chat/completions, checked
 against the log-softmax of the model's own logits (random-weight model, local tokenizer)."""
 
+import contextlib
 import json
 
 import httpx
@@ -132,6 +133,18 @@ def test_chat_top_logprobs_needs_logprobs(client):
     assert r.status_code == 400 and "top_logprobs" in r.json()["error"]["message"]
 
 
+@contextlib.contextmanager
+def extra_eos(server, token: int):
+    """`token` ends replies while the block runs (the scheduler and its device batch both know EOS)."""
+    scheduler, batch = server.scheduler, server.device_batch
+    saved = scheduler.eos_ids
+    scheduler.eos_ids = batch.eos_ids = saved + (token,)
+    try:
+        yield
+    finally:
+        scheduler.eos_ids = batch.eos_ids = saved
+
+
 def test_a_stop_token_is_scored_but_not_shown(server, client):
     """As OpenAI and vLLM: a reply that ends on EOS reports the EOS token's log-probability (lm-eval's
     echo + max_tokens 1 requests count on exactly one scored token past the prompt)."""
@@ -140,14 +153,9 @@ def test_a_stop_token_is_scored_but_not_shown(server, client):
     r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1,
                                              "temperature": 0, "stop_token_ids": [first]} )
     assert r.status_code == 400  # stop_token_ids is not an OpenAI field: refused by name
-    scheduler = server.scheduler
-    saved = scheduler.eos_ids
-    scheduler.eos_ids = saved + (first,)  # make the greedy next token a stop token
-    try:
+    with extra_eos(server, first):  # make the greedy next token a stop token
         r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1,
                                                  "temperature": 0})
-    finally:
-        scheduler.eos_ids = saved
     choice = r.json()["choices"][0]
     assert choice["text"] == server.tokenizer.decode(ids) and choice["finish_reason"] == "stop"
     lp = choice["logprobs"]
@@ -165,12 +173,8 @@ def test_a_stop_token_met_while_decoding_is_scored_too(server, client):
             break
     else:
         pytest.skip("every prompt's third greedy token repeats an earlier one")
-    saved = server.scheduler.eos_ids
-    server.scheduler.eos_ids = saved + (greedy[2],)
-    try:
+    with extra_eos(server, greedy[2]):
         r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 8, "logprobs": 0, "temperature": 0})
-    finally:
-        server.scheduler.eos_ids = saved
     lp = r.json()["choices"][0]["logprobs"]
     assert r.json()["usage"]["completion_tokens"] == 2 and len(lp["token_logprobs"]) == 3
     assert lp["tokens"][-1] == server.tokenizer.decode([greedy[2]])

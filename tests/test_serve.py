@@ -252,7 +252,7 @@ def test_a_burst_of_requests_is_prefilled_in_one_pass(server):
 
     def run(prompts):
         sched = Scheduler(eng, server.tokenizer, batch_size=4, eos_ids=())
-        sched.state = eng.empty_state(4)
+        sched.device.reset()
         handles = [sched.submit(server.encode_prompt(p, 8), server.sampling(0.0, None, None, 8, 0, logprobs=1,
                                                                             prompt_logprobs=True))
                    for p in prompts]

@@ -88,12 +88,15 @@ def mpt_to_pretrained(params, config: MptConfig, out_dir: str, max_shard_size="5
             weight_map.update({k: fname for k in tensors})
             total += sum(a.nbytes for a in tensors.values())
             del tensors
-        if not writer:
-            return out_dir
-        if len(shards) > 1:
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
-        config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        if writer:
+            if len(shards) > 1:
+                with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
+                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+            config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    if jax.process_count() > 1:  # no process returns before the writer has put the directory in place
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"easympt export {out_dir}")
     return out_dir
