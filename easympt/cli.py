@@ -85,6 +85,17 @@ def _tokenizer_or_none(src):
         return None
 
 
+def mesh_shape(text) -> tuple[int, ...]:
+    """'1,-1,1,1' -> (1, -1, 1, 1): dp,fsdp,tp,sp sizes, one of them -1 for the remaining devices."""
+    try:
+        sizes = tuple(int(x) for x in str(text).split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 4 or any(x == 0 or x < -1 for x in sizes):
+        raise ValueError(f"mesh {text!r}: give dp,fsdp,tp,sp sizes, e.g. 1,-1,1,1 (-1: the remaining devices)")
+    return sizes
+
+
 def cmd_train(args) -> int:
     import dataclasses
     import json
@@ -93,7 +104,7 @@ def cmd_train(args) -> int:
     from easympt.training.trainer import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    run_keys = ("model", "data", "eval_data", "export", "eval_fraction")  # settings outside TrainConfig
+    run_keys = ("model", "data", "eval_data", "export", "eval_fraction", "mesh")  # settings outside TrainConfig
     settings = {}
     if args.config:
         import yaml
@@ -115,8 +126,9 @@ def cmd_train(args) -> int:
     model, data = settings.pop("model"), settings.pop("data")
     eval_data, export = settings.pop("eval_data", None), settings.pop("export", None)
     eval_fraction = float(settings.pop("eval_fraction", 0.1))
+    mesh = settings.pop("mesh", None)
     result = run_training(model, data, TrainConfig(**settings), eval_data=eval_data, eval_fraction=eval_fraction,
-                          export_dir=export)
+                          export_dir=export, mesh_shape=mesh_shape(mesh) if mesh else None)
     print(json.dumps(result))
     return 0
 
@@ -143,7 +155,7 @@ def cmd_serve(args) -> int:
     if args.max_new_tokens:
         overrides["max_new_tokens"] = args.max_new_tokens
     if args.mesh:
-        overrides["mesh_axes_shape"] = tuple(int(x) for x in args.mesh.split(","))
+        overrides["mesh_axes_shape"] = mesh_shape(args.mesh)
     if args.api_key:
         overrides["api_key"] = args.api_key
     config = JaxServerConfig(**overrides)
@@ -326,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", dest="eval_fraction", type=float, default=None)
     p.add_argument("--output-dir", dest="output_dir", default=None, help="checkpoints, metrics.jsonl, loss.png")
     p.add_argument("--export", default=None, help="write the trained model here as an HF checkpoint")
+    p.add_argument("--mesh", default=None, help="dp,fsdp,tp,sp sizes, e.g. 1,-1,1,1 (default: one device; with "
+                                                "several processes FSDP over all devices)")
     for flag, typ in (("seq-len", int), ("batch-size", int), ("grad-accum", int), ("learning-rate", float),
                       ("warmup-steps", int), ("max-steps", int), ("weight-decay", float),
                       ("max-grad-norm", float), ("save-every", int), ("keep-last", int), ("seed", int)):

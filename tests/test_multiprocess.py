@@ -138,3 +138,16 @@ def test_a_lost_follower_makes_the_server_unavailable(lm_checkpoint, tmp_path):
     finally:
         for p in procs:
             p.kill()
+
+
+def test_training_across_two_processes_equals_one_device_and_resumes(tmp_path):
+    """Each process feeds its own rows of every batch; the losses equal one device's with the same global
+    batches, orbax checkpoints are written by both, and a stopped run resumes on the same curve."""
+    script = [sys.executable, os.path.join(HERE, "multidevice", "two_process_train.py")]
+    two = report_of(finish_processes(launch_processes(script + [str(tmp_path / "two")]))[0])
+    one = report_of(finish_processes(launch_processes(script + [str(tmp_path / "one")], n=1, devices_each=1))[0])
+    assert two["sharded"] and not one["sharded"]
+    np.testing.assert_allclose(two["whole"], one["whole"], rtol=2e-5)
+    assert two["restored"] and two["resumed_at"] == 2
+    np.testing.assert_allclose(two["first"][:2] + two["rest"], two["whole"], rtol=2e-5)
+    assert two["eval"] == pytest.approx(one["eval"], rel=2e-5)

@@ -3,6 +3,7 @@ output directory has checkpoints), log metrics, plot the loss, export."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -44,7 +45,12 @@ def plot_losses(log_path: str, out_png: str) -> None:
 
 
 def run_training(model_source: str, data: str, tc: TrainConfig, eval_data: str | None = None,
-                 eval_fraction: float = 0.1, export_dir: str | None = None, progress: bool = True) -> dict:
+                 eval_fraction: float = 0.1, export_dir: str | None = None, progress: bool = True,
+                 mesh_shape: tuple[int, ...] | None = None) -> dict:
+    """mesh_shape: dp,fsdp,tp,sp sizes to shard over (default: one device; with several JAX processes,
+    FSDP over every device of every process). Every process runs this with the same arguments; the
+    output directory must be storage they all see. Process 0 writes the metrics, plot and export."""
+    import jax
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
@@ -57,7 +63,12 @@ def run_training(model_source: str, data: str, tc: TrainConfig, eval_data: str |
         raise ValueError(f"{model_source}: train from a Hugging Face checkpoint (it holds the tokenizer); "
                          "convert an easympt checkpoint with `easympt convert` first")
     src = resolve_checkpoint_dir(model_source)
-    params, config = mpt_from_pretrained(src, dtype="fp32", progress=False)
+    mesh = None
+    if mesh_shape is not None or jax.process_count() > 1:
+        from easympt.sharding import create_mesh
+
+        mesh = create_mesh(mesh_shape or (1, -1, 1, 1))
+    params, config = mpt_from_pretrained(src, dtype="fp32", mesh=mesh, progress=False)
     if tc.seq_len > config.max_seq_len and not config.attn_config.alibi:
         raise ValueError(f"seq_len {tc.seq_len} exceeds max_seq_len {config.max_seq_len} of a model "
                          "with learned position embeddings")
@@ -68,25 +79,29 @@ def run_training(model_source: str, data: str, tc: TrainConfig, eval_data: str |
         eval_rows = pack(tokenize(read_examples(eval_data), tokenizer, tc.seq_len, eos), tc.seq_len)
     else:
         rows, eval_rows = split_rows(rows, eval_fraction, tc.seed)
-    model = FlaxMptForCausalLM(config, _do_init=False, remat=tc.remat)
-    trainer = Trainer(model, params, rows, tc, eval_rows)
+    model = FlaxMptForCausalLM(config, _do_init=False, remat=tc.remat, mesh=mesh)
+    trainer = Trainer(model, params, rows, tc, eval_rows, mesh=mesh)
     resumed = trainer.restore_latest()
     log_path = os.path.join(tc.output_dir, "metrics.jsonl")
     total = tc.max_steps * tc.grad_accum
-    with open(log_path, "a", encoding="utf-8") as log_fh, \
-            tqdm(total=total, initial=trainer.step, desc="training", unit="step", disable=not progress) as bar:
+    leader = jax.process_index() == 0
+    with (open(log_path, "a", encoding="utf-8") if leader else contextlib.nullcontext()) as log_fh, \
+            tqdm(total=total, initial=trainer.step, desc="training", unit="step",
+                 disable=not (progress and leader)) as bar:
         def log(record):
+            ev = trainer.evaluate() if trainer.is_save_step(record["step"]) else {}  # every process joins
+            if not leader:
+                return
             log_fh.write(json.dumps(record) + "\n")
+            if ev:
+                log_fh.write(json.dumps({"step": record["step"], **ev}) + "\n")
             log_fh.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if trainer.is_save_step(record["step"]):
-                ev = trainer.evaluate()
-                if ev:
-                    log_fh.write(json.dumps({"step": record["step"], **ev}) + "\n")
         trainer.train(log=log)
     final = trainer.evaluate()
-    plot_losses(log_path, os.path.join(tc.output_dir, "loss.png"))
+    if leader:
+        plot_losses(log_path, os.path.join(tc.output_dir, "loss.png"))
     if export_dir:
         mpt_to_pretrained(trainer.params, config, export_dir, tokenizer=tokenizer)
     return {"step": trainer.step, "resumed": resumed, "train_rows": len(rows["input_ids"]), **final}

@@ -53,7 +53,9 @@ class Trainer:
                  eval_rows: dict | None = None, mesh=None, partition_rules=None):
         """With `mesh`, params are sharded by `partition_rules` (default: the
         config's FSDP rules) and batches over ("dp", "fsdp"); the same step
-        then runs on one CPU or a pod."""
+        then runs on one CPU or a pod. With several JAX processes every process
+        builds a Trainer over the same rows and calls the same methods; each
+        copies only the rows of each batch that its own devices hold."""
         import orbax.checkpoint as ocp
 
         n = len(train_rows["input_ids"])
@@ -67,16 +69,21 @@ class Trainer:
 
             rules = partition_rules if partition_rules is not None else model.config.get_partition_rules(fsdp=True)
             params = jax.device_put(params, shardings_for(mesh, params, rules))
+            shards = mesh.shape["dp"] * mesh.shape["fsdp"]
+            if tc.batch_size % shards:
+                raise ValueError(f"batch_size {tc.batch_size} does not divide over the mesh's dp x fsdp = {shards} "
+                                 "batch shards")
             self.batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("dp", "fsdp")))
         # the step donates its inputs; the caller's arrays stay valid
         self.params = jax.tree_util.tree_map(jnp.copy, params)
-        self.opt_state = jax.jit(self.optimizer.init)(self.params)
+        self.opt_state = self._init_optimizer_state()
         self.step = 0
         self._epoch_order: tuple[int, np.ndarray | None] = (-1, None)
         os.makedirs(tc.output_dir, exist_ok=True)
-        model.config.save_pretrained(tc.output_dir)
-        with open(os.path.join(tc.output_dir, "train_config.json"), "w", encoding="utf-8") as fh:
-            json.dump(asdict(tc), fh, indent=2)
+        if jax.process_index() == 0:  # the output directory is shared by every process
+            model.config.save_pretrained(tc.output_dir)
+            with open(os.path.join(tc.output_dir, "train_config.json"), "w", encoding="utf-8") as fh:
+                json.dump(asdict(tc), fh, indent=2)
         self.manager = ocp.CheckpointManager(
             os.path.join(os.path.abspath(tc.output_dir), "checkpoints"),
             options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep_last, create=True))
@@ -91,6 +98,19 @@ class Trainer:
         self._train_step = jax.jit(train_step, donate_argnums=(0, 1))
         self._eval_loss = jax.jit(lambda p, b: model.loss(p, b, jax.random.PRNGKey(0), True))
 
+    def _init_optimizer_state(self):
+        """Moments sharded as their parameters, step counts replicated over the mesh. (A plain jitted init
+        leaves them on one device: its outputs do not depend on the parameters' values.)"""
+        if self.mesh is None:
+            return jax.jit(self.optimizer.init)(self.params)
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        abstract = jax.eval_shape(self.optimizer.init, self.params)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        shardings = optax.tree_utils.tree_map_params(self.optimizer, lambda _, p: p.sharding, abstract, self.params,
+                                                     transform_non_params=lambda _: replicated)
+        return jax.jit(self.optimizer.init, out_shardings=shardings)(self.params)
+
     # ------------------------------------------------------------------ data
     def batch_at(self, step: int) -> dict:
         """The rows of micro-step `step`: a seeded permutation per epoch, a pure function of the step."""
@@ -99,13 +119,16 @@ class Trainer:
         epoch, k = divmod(step, per_epoch)
         if self._epoch_order[0] != epoch:  # one permutation per epoch, not per step
             self._epoch_order = (epoch, np.random.default_rng([self.tc.seed, epoch]).permutation(n))
-        idx = self._epoch_order[1][k * b:(k + 1) * b]
-        return self._put({key: v[idx] for key, v in self.rows.items()})
+        return self._put_rows(self.rows, self._epoch_order[1][k * b:(k + 1) * b])
 
-    def _put(self, batch: dict) -> dict:
+    def _put_rows(self, source: dict, idx: np.ndarray) -> dict:
+        """Rows `idx` of `source` as one global batch. With a mesh each process copies only the rows its
+        own devices hold (`make_array_from_callback` asks for exactly those)."""
         if self.mesh is None:
-            return {k: jnp.asarray(v) for k, v in batch.items()}
-        return {k: jax.device_put(v, self.batch_sharding) for k, v in batch.items()}
+            return {k: jnp.asarray(v[idx]) for k, v in source.items()}
+        return {k: jax.make_array_from_callback((len(idx),) + v.shape[1:], self.batch_sharding,
+                                                lambda index, v=v: v[idx[index[0]]][(slice(None),) + index[1:]])
+                for k, v in source.items()}
 
     # ----------------------------------------------------------- checkpoints
     def save(self) -> None:
@@ -137,14 +160,12 @@ class Trainer:
     def evaluate(self) -> dict:
         if self.eval_rows is None:
             return {}
+        b, n = self.tc.batch_size, len(self.eval_rows["input_ids"])
+        pad = -n % b  # the last batch is padded with zero-weight rows
+        rows = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in self.eval_rows.items()}
         losses = []
-        for i in range(0, len(self.eval_rows["input_ids"]), self.tc.batch_size):
-            batch = {k: v[i:i + self.tc.batch_size] for k, v in self.eval_rows.items()}
-            if len(batch["input_ids"]) < self.tc.batch_size:  # pad the last batch with zero-weight rows
-                pad = self.tc.batch_size - len(batch["input_ids"])
-                batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
-            batch = self._put(batch)
-            losses.append(float(self._eval_loss(self.params, batch)))
+        for i in range(0, n, b):
+            losses.append(float(self._eval_loss(self.params, self._put_rows(rows, np.arange(i, i + b)))))
         loss = float(np.mean(losses))
         return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
 
