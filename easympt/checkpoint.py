@@ -65,11 +65,15 @@ def save_params(params, config: MptConfig, directory: str) -> str:
 
     directory = os.path.abspath(directory)
     target = os.path.join(directory, PARAMS_ITEM)
-    if os.path.exists(target):
-        shutil.rmtree(target)
-    os.makedirs(directory, exist_ok=True)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # one process clears and describes the (shared) directory
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.makedirs(directory, exist_ok=True)
         config.save_pretrained(directory)
+    if jax.process_count() > 1:  # and nobody writes before it has
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"easympt save {directory}")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(target, unwrap_params(params))
     return directory
@@ -89,7 +93,7 @@ def load_params(path: str, dtype=None, device=None, mesh=None, partition_rules=N
         rules = partition_rules if partition_rules is not None else config.get_partition_rules(fsdp=True)
         shardings = shardings_for(mesh, shapes, rules)
     else:
-        one = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+        one = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: one, shapes)
     abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
                                       shapes, shardings)

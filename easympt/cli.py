@@ -52,18 +52,25 @@ def cmd_generate(args) -> int:
 def cmd_convert(args) -> int:
     """Hugging Face checkpoint <-> easympt checkpoint (orbax), or HF -> HF
     (re-shard, re-type, .bin -> safetensors). The source format is detected."""
+    import jax
+
     from easympt.checkpoint import is_easympt_checkpoint, load_params, save_params
     from easympt.transform import mpt_from_pretrained, mpt_to_pretrained
     from easympt.transform.hf_to_flax import resolve_checkpoint_dir
 
     src_is_easympt = is_easympt_checkpoint(args.src)
     to = args.to or ("hf" if src_is_easympt else "easympt" if args.dst.endswith(".easympt") else "hf")
+    mesh = None
+    if jax.process_count() > 1:  # each process reads and writes only the slices its devices hold
+        from easympt.sharding import create_mesh
+
+        mesh = create_mesh()
     if src_is_easympt:
-        params, config = load_params(args.src, dtype=args.dtype or "fp32")
+        params, config = load_params(args.src, dtype=args.dtype or "fp32", mesh=mesh)
         src = None
     else:
         src = resolve_checkpoint_dir(args.src)
-        params, config = mpt_from_pretrained(src, dtype=args.dtype or "fp32")
+        params, config = mpt_from_pretrained(src, dtype=args.dtype or "fp32", mesh=mesh)
     if to == "easympt":
         out = save_params(params, config, args.dst)
     else:

@@ -151,3 +151,40 @@ def test_training_across_two_processes_equals_one_device_and_resumes(tmp_path):
     assert two["restored"] and two["resumed_at"] == 2
     np.testing.assert_allclose(two["first"][:2] + two["rest"], two["whole"], rtol=2e-5)
     assert two["eval"] == pytest.approx(one["eval"], rel=2e-5)
+
+
+def test_train_and_convert_commands_across_two_processes(lm_checkpoint, tmp_path):
+    """`easympt train` and `easympt convert` given the same flags on two processes: the loss curve and the
+    export equal a one-process run's; the orbax checkpoint both wrote holds the same weights."""
+    from easympt.checkpoint import load_params
+    from easympt.training.run import run_training
+    from easympt.training.trainer import TrainConfig
+
+    data = tmp_path / "data.txt"
+    data.write_text("\n\n".join(f"def f{i}(x):\n    return x + {i}" for i in range(60)))
+    settings = dict(seq_len=32, batch_size=8, max_steps=2, save_every=2, learning_rate=1e-3, warmup_steps=1)
+    flags = [f for k, v in settings.items() for f in ("--" + k.replace("_", "-"), str(v))]
+    finish_processes(launch_processes(EASYMPT + ["train", lm_checkpoint, "--data", str(data), *flags, "--output-dir",
+                                                 str(tmp_path / "two"), "--export", str(tmp_path / "two-export")]))
+    run_training(lm_checkpoint, str(data), TrainConfig(output_dir=str(tmp_path / "one"), **settings),
+                 export_dir=str(tmp_path / "one-export"), progress=False)
+
+    def losses(run):
+        return [r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]
+
+    np.testing.assert_allclose(losses("two"), losses("one"), rtol=2e-5)
+    two, one = _tensors(tmp_path / "two-export"), _tensors(tmp_path / "one-export")
+    assert two.keys() == one.keys()
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+    finish_processes(launch_processes(EASYMPT + ["convert", str(tmp_path / "two-export"), str(tmp_path / "ck.easympt")]))
+    from easympt.transform import mpt_from_pretrained
+
+    restored, _ = load_params(str(tmp_path / "ck.easympt"))
+    exported, _ = mpt_from_pretrained(str(tmp_path / "two-export"), progress=False)
+    import jax
+
+    for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(exported)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -367,7 +367,7 @@ def mpt_from_pretrained(source: str, device=None, dtype=None, mesh=None, partiti
     if mesh is not None:
         rules = partition_rules if partition_rules is not None else config.get_partition_rules(fsdp=True)
     if device is None and mesh is None:
-        device = jax.devices()[0]
+        device = jax.local_devices()[0]  # jax.devices()[0] belongs to process 0 when there are several
 
     from tqdm.auto import tqdm
 
