@@ -3,7 +3,8 @@
 Random weights in mpt-125m geometry (or --geometry), float32 by default.
 Prompt 32 tokens, 128 new tokens forced (no EOS), batch 1 and 8; TTFT with a
 512-token prompt; 1 warm-up, median of 3. decode tok/s = batch * 127 /
-(t(128 new) - t(1 new)). transformers runs as its users run it: `use_cache=True`
+(t(128 new) - t(1 new)); easympt's batch-1 decode is also timed after a 2,048-token
+prompt (a long context should cost little more per step than a short one). transformers runs as its users run it: `use_cache=True`
 (its MptConfig defaults to False) under `torch.inference_mode()`; the benchmark
 prints its step-time growth (flat with a cache) and compares both systems'
 greedy tokens. The roofline is the measured memory bandwidth over
@@ -31,7 +32,7 @@ from easympt.generation import GenerationEngine, SamplingConfig
 from easympt.transform import mpt_from_pretrained
 from timing import median_time
 
-PROMPT, NEW, LONG_PROMPT = 32, 128, 512
+PROMPT, NEW, LONG_PROMPT, CONTEXT = 32, 128, 512, 2048
 
 
 def memory_bandwidth(nbytes=1 << 30) -> float:
@@ -166,7 +167,7 @@ def main() -> int:
         p1 = rng.integers(0, V, (1, PROMPT))
         p8 = rng.integers(0, V, (8, PROMPT))
         plong = rng.integers(0, V, (1, LONG_PROMPT))
-        engine = GenerationEngine(model, params, max_length=1024, max_compile_tokens=args.max_compile_tokens)
+        engine = GenerationEngine(model, params, max_length=CONTEXT + 2 * NEW, max_compile_tokens=args.max_compile_tokens)
 
         # first call after precompile vs a steady call (compilation itself is excluded by warming
         # every shape once with other data, as `pre_compile` does in the server)
@@ -178,6 +179,10 @@ def main() -> int:
         first_after = time.perf_counter() - t0
         ours = measure(lambda p, n: run_easympt(engine, p, n), p1, p8, plong)
         steady = ours["t_b1_128_s"]
+        pctx = rng.integers(0, V, (1, CONTEXT))
+        run_easympt(engine, pctx, NEW)  # compiles the 2,048-token prefill and the longer cache's decode
+        t_full, t_one = (median_time(lambda n=n: run_easympt(engine, pctx, n)) for n in (NEW, 1))
+        ours["decode_tok_s_b1_ctx2048"] = (NEW - 1) / (t_full - t_one)
 
         weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
         bw = memory_bandwidth()
@@ -187,7 +192,8 @@ def main() -> int:
                   "bandwidth_gb_s": bw / 1e9, "roofline_tok_s_b1": roofline,
                   "easympt": ours, "first_call_over_steady": first_after / steady,
                   "compile_and_first_call_s": compile_s,
-                  "roofline_fraction_b1": ours["decode_tok_s_b1"] / roofline}
+                  "roofline_fraction_b1": ours["decode_tok_s_b1"] / roofline,
+                  "context_2048_over_short_b1": ours["decode_tok_s_b1_ctx2048"] / ours["decode_tok_s_b1"]}
         if not args.skip_torch:
             # the peer runs in a child process of this run, so JAX's thread pool cannot slow it down
             child = subprocess.run([sys.executable, __file__, "--peer", tmp, "--peer-dtype", result["dtype"]],
@@ -213,6 +219,8 @@ def main() -> int:
     print(f"roofline b1: {roofline:.1f} tok/s ({bw / 1e9:.1f} GB/s / {weight_bytes / 1e6:.0f} MB); "
           f"easympt reaches {100 * result['roofline_fraction_b1']:.0f}%")
     print(f"first call after precompile / steady call: {result['first_call_over_steady']:.2f}")
+    print(f"easympt b1 decode after a {CONTEXT}-token prompt: {ours['decode_tok_s_b1_ctx2048']:.1f} tok/s "
+          f"({result['context_2048_over_short_b1']:.2f}x the {PROMPT}-token one)")
     if "transformers" in result:
         t = result["transformers"]
         print(f"transformers step growth (2nd half / 1st half of 128 steps; ~1 with a KV cache): "

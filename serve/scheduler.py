@@ -23,6 +23,7 @@ from easympt.generation.engine import GenerationEngine
 from easympt.generation.sampling import SamplingConfig
 from easympt.generation.text import IncrementalText
 from easympt.serve.device_batch import Admitted, DeviceBatch
+from easympt.serve.lockstep import Leader
 
 log = logging.getLogger("easympt.serve")
 
@@ -127,8 +128,8 @@ class Scheduler:
         lockstep.Leader that also sends every call to the other processes)."""
         self.engine, self.tokenizer = engine, tokenizer
         self.device = device if device is not None else DeviceBatch(engine, batch_size, eos_ids)
+        self.lockstep = isinstance(self.device, Leader)
         self.batch_size = batch_size
-        self.eos_ids = eos_ids
         self.request_timeout_s = request_timeout_s
         self.metrics = metrics
         self.waiting: queue.Queue[RequestHandle] = queue.Queue(maxsize=max_queue)
@@ -141,6 +142,10 @@ class Scheduler:
         self._pending = None  # who occupied each row when the dispatch in flight was made
         self._last_delivery: float | None = None
         self._last_ping = 0.0
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return self.device.eos_ids
 
     # ------------------------------------------------------------ public side
     def submit(self, prompt_ids: list[int], sampling: SamplingConfig,
@@ -168,7 +173,7 @@ class Scheduler:
             self._thread.join(timeout=30)
             self._thread = None
         self._end_all("cancelled", "server shutting down")
-        if hasattr(self.device, "stop_followers") and not self.unavailable:
+        if self.lockstep and not self.unavailable:
             try:
                 self.device.stop_followers()
             except Exception as e:  # noqa: BLE001 - already gone: nothing left to stop
@@ -189,7 +194,6 @@ class Scheduler:
 
     # ------------------------------------------------------------ engine side
     def _loop(self) -> None:
-        lockstep = hasattr(self.device, "stop_followers")
         while not self._stop.is_set():
             try:
                 self._admit()
@@ -198,7 +202,7 @@ class Scheduler:
                     try:
                         handle = self.waiting.get(timeout=0.05)
                     except queue.Empty:
-                        if lockstep and time.monotonic() - self._last_ping > self.PING_INTERVAL_S:
+                        if self.lockstep and time.monotonic() - self._last_ping > self.PING_INTERVAL_S:
                             self.device.ping()
                             self._last_ping = time.monotonic()
                         continue
@@ -211,7 +215,7 @@ class Scheduler:
                     self._flush()
             except Exception as e:  # a failed step must not take the server down
                 self._pending = None
-                if lockstep:  # the processes may no longer be in step: nothing more can run
+                if self.lockstep:  # the processes may no longer be in step: nothing more can run
                     self.unavailable = f"the engine stopped: {e}"
                     log.error("multi-process engine stopped; the server now answers 503: %s", e)
                     self._end_all("error", self.unavailable)

@@ -135,14 +135,14 @@ def test_chat_top_logprobs_needs_logprobs(client):
 
 @contextlib.contextmanager
 def extra_eos(server, token: int):
-    """`token` ends replies while the block runs (the scheduler and its device batch both know EOS)."""
-    scheduler, batch = server.scheduler, server.device_batch
-    saved = scheduler.eos_ids
-    scheduler.eos_ids = batch.eos_ids = saved + (token,)
+    """`token` ends replies while the block runs."""
+    batch = server.device_batch
+    saved = batch.eos_ids
+    batch.eos_ids = saved + (token,)
     try:
         yield
     finally:
-        scheduler.eos_ids = batch.eos_ids = saved
+        batch.eos_ids = saved
 
 
 def test_a_stop_token_is_scored_but_not_shown(server, client):

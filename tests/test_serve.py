@@ -178,7 +178,7 @@ def test_disconnect_mid_stream_frees_the_slot(server, monkeypatch):
         time.sleep(0.3)
         return out
     monkeypatch.setattr(server.engine, "generate", slow_generate)
-    monkeypatch.setattr(server.scheduler, "eos_ids", ())  # the random model must not end on its own
+    monkeypatch.setattr(server.device_batch, "eos_ids", ())  # the random model must not end on its own
     cancelled = server.metrics.requests.labels("cancelled")._value.get()
     with httpx.Client(base_url=server.url, timeout=60) as c:
         with c.stream("POST", "/v1/completions", json={"prompt": "go", "max_tokens": 64, "stream": True,
@@ -289,12 +289,12 @@ def test_decode_attends_over_a_window_that_grows_with_the_rows(server, client, l
     gen.eos_ids = ()
     prompt = "import os\nimport sys\n"
     want = gen.generate(prompt, max_new_tokens=60, temperature=0).token_ids
-    server.scheduler.eos_ids, saved = (), server.scheduler.eos_ids
+    server.device_batch.eos_ids, saved = (), server.device_batch.eos_ids
     try:
         r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 60, "temperature": 0,
                                                  "logprobs": 0})
     finally:
-        server.scheduler.eos_ids = saved
+        server.device_batch.eos_ids = saved
     got = r.json()["choices"][0]["logprobs"]["tokens"]
     assert got == [server.tokenizer.decode([t]) for t in want]
     eng = server.engine
