@@ -12,6 +12,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 
 log = logging.getLogger("easympt.distributed")
 
@@ -82,6 +83,19 @@ def _cpu_only() -> bool:
 
     return not any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu",
                                                           "jax_rocm60_plugin"))
+
+
+def to_host(tree):
+    """numpy copies of device values. An array sharded over several processes is gathered first, so
+    every process must make the same call: the gather is a collective they all join."""
+    def one(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 def is_leader() -> bool:

@@ -15,21 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from dataclasses import dataclass
 
+from easympt.distributed import to_host
 from easympt.generation.engine import ChunkedPrefill, GenerationEngine, Prefix
 from easympt.generation.sampling import SamplingConfig, TokenLogprobs
-
-
-def to_host(tree):
-    """numpy copies of device values. An array sharded over several processes is gathered first;
-    every process makes the same call, so the gather is a collective they all join."""
-    def one(x):
-        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
-            from jax.experimental import multihost_utils
-
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(jax.device_get(x))
-
-    return jax.tree_util.tree_map(one, tree)
 
 
 @dataclass

@@ -9,6 +9,7 @@ import os
 import jax
 import numpy as np
 
+from easympt.distributed import to_host
 from easympt.checkpoint import atomic_directory
 from easympt.config import MptConfig
 from easympt.dtypes import resolve_dtype
@@ -28,15 +29,6 @@ def parse_size(size) -> int:
         if s.endswith(unit):
             return int(float(s[: -len(unit)]) * _UNITS[unit])
     return int(s)
-
-
-def host_array(leaf) -> np.ndarray:
-    """The whole array on this host, gathered across processes when it is sharded over several."""
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-    return np.asarray(jax.device_get(leaf))
 
 
 def plan_shards(sizes: list[tuple[int, int]], limit: int) -> list[list[int]]:
@@ -79,7 +71,7 @@ def mpt_to_pretrained(params, config: MptConfig, out_dir: str, max_shard_size="5
             tensors = {}
             for i in shard:
                 (hf_name, transpose), leaf = leaves[i]
-                arr = host_array(leaf)
+                arr = to_host(leaf)
                 if dtype is not None:
                     arr = arr.astype(dtype)
                 tensors[hf_name] = np.ascontiguousarray(arr.T if transpose else arr)
