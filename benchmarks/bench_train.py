@@ -4,7 +4,7 @@ transformers' MptForCausalLM, same weights, batch, sequence length and optimizer
     python benchmarks/bench_train.py [--geometry mpt-125m] [--batch 4] [--seq-len 256] [--steps 4]
 
 Both sides run AdamW with global-norm clipping in float32 on random tokens;
-the peer runs in a child process with the same thread count. On a GPU both
+the peer (benchmarks/peers.py transformers-train) runs in a child process with the same thread count. On a GPU both
 keep float32 weights and compute in bf16 (easympt's GPU default; torch autocast). Prints a table
 and one JSON line.
 """
@@ -14,42 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-TORCH_CHILD = r"""
-import contextlib, json, sys, time, torch
-from transformers import MptForCausalLM
-path, batch, seq, steps, gpu = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "gpu"
-torch.manual_seed(0)
-device = "cuda" if gpu else "cpu"
-model = MptForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-model.train()
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=gpu)
-ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-# on the GPU: float32 master weights with bf16 autocast, as easympt computes in bf16 there
-amp = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
-times, losses = [], []
-for i in range(steps + 1):
-    t0 = time.perf_counter()
-    with amp:
-        out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if gpu:
-        torch.cuda.synchronize()
-    times.append(time.perf_counter() - t0)
-    losses.append(float(out.loss))
-print("RESULT " + json.dumps({"step_s": sorted(times[1:])[len(times[1:]) // 2], "threads": torch.get_num_threads(),
-                              "loss0": losses[0]}))
-"""
-
+from peers import run_peer
 
 def step_flops(config, batch: int, seq: int) -> float:
     """Matmul FLOPs of one training step: 3x the forward (weights, LM head, QK^T and PV over the full square)."""
@@ -128,12 +99,8 @@ def main() -> int:
             from easympt.transform import mpt_to_pretrained
 
             path = mpt_to_pretrained(model.params, config, os.path.join(tmp, "hf"))
-            r = subprocess.run([sys.executable, "-c", TORCH_CHILD, path, str(args.batch), str(args.seq_len),
-                                str(args.steps), jax.default_backend()], capture_output=True, text=True)
-            if r.returncode != 0:
-                print(r.stderr[-3000:], file=sys.stderr)
-                return 1
-            peer = json.loads(r.stdout.split("RESULT ", 1)[1])
+            peer = run_peer("transformers-train", path, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+                            "--steps", str(args.steps))
             peer["tokens_per_s"] = tokens_per_step / peer["step_s"]
             peer["fraction_of_matmul_peak"] = flops / peer["step_s"] / peak
             result["transformers"] = peer

@@ -3,13 +3,11 @@ llama-cpp-python's low-level API, as its users run it on a CPU (see shared/notes
 
 Optional: needs `llama-cpp-python` and llama.cpp's converter (`--llama-cpp-src`: an unpacked
 llama-cpp-python sdist or a llama.cpp checkout). Without them the benchmark says so and skips it.
-
-    python benchmarks/llama_cpp_peer.py CKPT_DIR --llama-cpp-src DIR   # prints one JSON line
+Run through the peer harness: `python benchmarks/peers.py llama-cpp CKPT --prompts FILE --llama-cpp-src DIR`.
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -20,13 +18,12 @@ import tempfile
 
 import numpy as np
 
-from timing import median_time
+from timing import decode_figures
 
 # the converter needs a tokenizer beside the weights whose pre-tokenizer it knows: gpt-neox-20b's,
 # which every MosaicML MPT uses, is kept verbatim as a test fixture
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures",
                              "hub", "mosaicml", "mpt-7b-instruct")
-NEW = 128  # new tokens, as bench_generate
 
 
 def converter(src: str) -> str | None:
@@ -56,12 +53,15 @@ def write_gguf(ckpt: str, src: str, out: str, outtype: str = "f32") -> str:
         cfg = json.load(open(cfg_path))
         cfg["architectures"] = ["MPTForCausalLM"]
         json.dump(cfg, open(cfg_path, "w"))
-        subprocess.run([sys.executable, converter(src), tmp, "--outfile", out, "--outtype", outtype], check=True,
-                       capture_output=True, text=True)
+        done = subprocess.run([sys.executable, converter(src), tmp, "--outfile", out, "--outtype", outtype],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"llama.cpp's converter failed on {ckpt}:\n{done.stderr[-2000:]}")
     return out
 
 
-def measure(gguf: str, p1: list[int], plong: list[int], reps: int = 3) -> dict:
+def measure(gguf: str, prompts: dict) -> dict:
+    """Batch 1 only: llama-cpp-python's high-level API decodes one sequence."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=gguf, n_threads=2, n_threads_batch=2, n_ctx=1024, n_batch=512, logits_all=False,
@@ -79,32 +79,14 @@ def measure(gguf: str, p1: list[int], plong: list[int], reps: int = 3) -> dict:
                 llm.eval([out[-1]])
         return out
 
-    median = lambda fn: median_time(fn, reps=reps)  # noqa: E731
-
-    t_full, t_one = median(lambda: greedy(p1, NEW)), median(lambda: greedy(p1, 1))
-    return {"decode_tok_s_b1": (NEW - 1) / (t_full - t_one), "ttft_512_s": median(lambda: greedy(plong, 1)),
-            "greedy_b1": [greedy(p1, NEW)], "n_vocab": n_vocab}
+    run = lambda rows, n: [greedy(rows[0], n)]  # noqa: E731
+    return {**decode_figures(run, {"b1": prompts["b1"]}, prompts["long"]), "n_vocab": n_vocab}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("ckpt")
-    ap.add_argument("--llama-cpp-src", required=True)
-    ap.add_argument("--outtype", default="f32")
-    ap.add_argument("--prompts", required=True, help='JSON file {"b1": [ids], "long": [ids]}')
-    args = ap.parse_args()
-    why = available(args.llama_cpp_src)
+def run(ckpt: str, prompts: dict, src: str, outtype: str = "f32") -> dict:
+    why = available(src)
     if why:
-        print(json.dumps({"skipped": why}))
-        return 0
+        return {"skipped": why}
     with tempfile.TemporaryDirectory() as tmp:
-        gguf = write_gguf(args.ckpt, args.llama_cpp_src, os.path.join(tmp, "model.gguf"), args.outtype)
-        prompts = json.load(open(args.prompts))
-        result = measure(gguf, prompts["b1"], prompts["long"])
-    result["outtype"] = args.outtype
-    print(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        gguf = write_gguf(ckpt, src, os.path.join(tmp, "model.gguf"), outtype)
+        return {**measure(gguf, prompts), "outtype": outtype}
