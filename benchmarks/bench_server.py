@@ -4,8 +4,11 @@ errors and RSS growth. Everything talks to 127.0.0.1 only.
 
     python benchmarks/bench_server.py [--model DIR] [--max-tokens 64] [--soak 1000]
 
-There is no peer here: transformers has no server. The figure that matters
-is scaling: aggregate tok/s at 16 clients over 1 client (target >= 4x).
+There is no peer here (benchmarks/peers.py says why). The figures that matter: scaling (aggregate
+tok/s at 16 clients over 1 client, target >= 4x) and what streaming costs, measured against the same
+server's plain (non-streaming) requests: the gap between streamed tokens over the server's time per
+token (target <= 1.25), the first streamed token over the plain time to first token plus one step
+(target <= 1), and 16 streaming clients' throughput over 16 plain clients' (target >= 0.9).
 """
 
 from __future__ import annotations
@@ -58,10 +61,33 @@ async def one_stream(client: httpx.AsyncClient, i: int, max_tokens: int, disconn
     return {"status": 200, "ttft": ttft, "gaps": gaps, "tokens": tokens, "total": time.perf_counter() - t0}
 
 
-async def load(url: str, clients: int, requests_per_client: int, max_tokens: int) -> dict:
+async def one_plain(client: httpx.AsyncClient, i: int, max_tokens: int):
+    """A non-streaming completion: (status, tokens, seconds)."""
+    body = {"prompt": f"def function_{i}(x):", "max_tokens": max_tokens, "temperature": 0.8, "seed": i}
+    t0 = time.perf_counter()
+    r = await client.post("/v1/completions", json=body)
+    if r.status_code != 200:
+        return {"status": r.status_code}
+    return {"status": 200, "ttft": None, "gaps": [], "tokens": r.json()["usage"]["completion_tokens"],
+            "total": time.perf_counter() - t0}
+
+
+async def plain_step(url: str, max_tokens: int, reps: int = 3) -> dict:
+    """One client, no streaming: time to the first token, and the server's time per further token."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await one_plain(client, 0, max_tokens)  # warm-up
+        ones = [await one_plain(client, k, 1) for k in range(reps)]
+        fulls = [await one_plain(client, k, max_tokens) for k in range(reps)]
+    ttft = sorted(r["total"] for r in ones)[reps // 2]
+    steps = sorted((r["total"] - ttft) / max(r["tokens"] - 1, 1) for r in fulls)
+    return {"ttft_s": ttft, "step_s": steps[reps // 2]}
+
+
+async def load(url: str, clients: int, requests_per_client: int, max_tokens: int, stream: bool = True) -> dict:
+    one = one_stream if stream else one_plain
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         async def worker(w):
-            return [await one_stream(client, w * 1000 + k, max_tokens) for k in range(requests_per_client)]
+            return [await one(client, w * 1000 + k, max_tokens) for k in range(requests_per_client)]
         t0 = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(w) for w in range(clients))) for r in rs]
         wall = time.perf_counter() - t0
@@ -125,6 +151,8 @@ def main() -> int:
 
     result = {"model": model, "max_tokens": args.max_tokens, "decode_steps": args.decode_steps, "load": []}
     try:
+        # warm-up: every shape a request of this length meets (prompt buckets, cache windows) compiles here
+        asyncio.run(load(server.url, 4, 1, args.max_tokens))
         for clients in (1, 4, 16):
             r = asyncio.run(load(server.url, clients, args.requests_per_client, args.max_tokens))
             result["load"].append(r)
@@ -133,6 +161,19 @@ def main() -> int:
                   f"p99 {r['chunk_gap_p99_s']:.3f}s  errors {r['errors']}")
         result["scaling_16_over_1"] = result["load"][2]["tok_s"] / result["load"][0]["tok_s"]
         print(f"16 clients / 1 client aggregate throughput: {result['scaling_16_over_1']:.2f}x")
+        plain = asyncio.run(plain_step(server.url, args.max_tokens))
+        plain16 = asyncio.run(load(server.url, 16, args.requests_per_client, args.max_tokens, stream=False))
+        one, sixteen = result["load"][0], result["load"][2]
+        result["streaming"] = {
+            "plain_ttft_s": plain["ttft_s"], "plain_step_s": plain["step_s"], "plain_tok_s_16": plain16["tok_s"],
+            "gap_p50_over_step": one["chunk_gap_p50_s"] / plain["step_s"],
+            "first_token_over_ttft_plus_step": one["ttft_p50_s"] / (plain["ttft_s"] + plain["step_s"]),
+            "stream_over_plain_16": sixteen["tok_s"] / plain16["tok_s"]}
+        st = result["streaming"]
+        print(f"streaming (1 client) vs plain requests: gap p50 / time per token {st['gap_p50_over_step']:.2f} "
+              f"(target <= 1.25; plain {1e3 * plain['step_s']:.1f} ms/token); first streamed token / (plain TTFT + "
+              f"one token) {st['first_token_over_ttft_plus_step']:.2f} (target <= 1); 16 clients streaming / plain "
+              f"throughput {st['stream_over_plain_16']:.2f} (target >= 0.9; plain {plain16['tok_s']:.1f} tok/s)")
         if args.soak:
             s = asyncio.run(soak(server.url, args.soak, 16, 16, rss))
             result["soak"] = s

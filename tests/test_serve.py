@@ -299,3 +299,34 @@ def test_decode_attends_over_a_window_that_grows_with_the_rows(server, client, l
     assert got == [server.tokenizer.decode([t]) for t in want]
     eng = server.engine
     assert eng.decode_window(20, 256) == 32 and eng.decode_window(100, 256) == 128 and eng.decode_window(200, 256) is None
+
+
+def test_after_precompile_requests_compile_nothing(lm_checkpoint):
+    """The first requests after start-up run precompiled programs only: single requests one after
+    another (the decode window grows with each row) and a burst. Before, the first decode compiled
+    its cache window (~1 s) and the second request's insert compiled again (~0.2 s)."""
+    import jax.monitoring
+
+    from easympt.serve import MPTJaxServer
+
+    srv = MPTJaxServer.from_pretrained(lm_checkpoint, config=CONFIG, progress=False)
+    srv.fire()
+    compiled = []
+    listener = lambda event, duration, **kw: compiled.append(event) if event.endswith("backend_compile_duration") else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            for i in range(3):
+                r = c.post("/v1/completions", json={"prompt": f"def f{i}(x):", "max_tokens": 40, "temperature": 0.7,
+                                                    "seed": i, "stream": i == 1})
+                assert r.status_code == 200
+            burst = [threading.Thread(target=c.post, args=("/v1/completions",),
+                                      kwargs={"json": {"prompt": f"x = {i}", "max_tokens": 8}}) for i in range(4)]
+            for t in burst:
+                t.start()
+            for t in burst:
+                t.join()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+        srv.shutdown()
+    assert compiled == []

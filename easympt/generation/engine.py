@@ -322,6 +322,16 @@ class GenerationEngine:
             w *= 2
         return w if w < cache_len else None
 
+    def decode_windows(self, cache_len: int) -> tuple[int | None, ...]:
+        """Every window `decode_window` can choose for a cache of cache_len slots (None: the whole
+        cache): the decode shapes a server precompiles."""
+        windows = {b for b in self.buckets if b < cache_len}
+        w = self.prefill_chunk
+        while w < cache_len:
+            windows.add(w)
+            w *= 2
+        return (*sorted(windows), None)
+
     def decode_cache_len(self, prompt_bucket: int, max_new_tokens: int) -> int:
         """A power-of-two cache length with room for the whole request, capped at max_length."""
         need = prompt_bucket + max_new_tokens
