@@ -1,7 +1,8 @@
 """Attention kernels: dense for short inputs, blockwise (flash-attention style) for long ones.
 
-Shapes: B batch, K kv heads, G query heads per kv head, T queries, S key slots, D head dim.
-q [B, K, G, T, D]; k, v [B, K, S, D]; out [B, T, K, G, D].
+Shapes: B batch, K kv heads, G query heads per kv head, T queries, S key slots, D head dim,
+N = B * K. q [B, K, G, T, D]; keys kt [N, D, S] and values v [N, S, D], as the KV cache stores
+them (easympt.cache: the layouts XLA's batched products read without a copy); out [B, T, K, G, D].
 
 Masks and the ALiBi bias are never materialised as [T, S]: `AttentionMask` keeps what decides
 them per token (slot positions, validity, prefix and sequence ids, O(T + S)), and each kernel
@@ -79,24 +80,33 @@ def _take(x, window, axis):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
-def _scores(q, k, mask: AttentionMask, slopes, scale, qw, kw, precision):
-    """Masked, biased scores of one block: q [B, K, G, tq, D], k [B, K, tk, D] -> [B, K, G, tq, tk] f32."""
-    s = jnp.einsum("bkgqd,bksd->bkgqs", q, k.astype(q.dtype), precision=precision,
+def _merged(x):
+    """[B, K, ...] -> [B*K, ...]: the cache's merged batch-and-heads dimension."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _scores(q, kt, mask: AttentionMask, slopes, scale, qw, kw, precision):
+    """Masked, biased scores of one block: q [B, K, G, tq, D], kt [N, D, tk] -> [B, K, G, tq, tk] f32."""
+    B, K = q.shape[:2]
+    s = jnp.einsum("ngqd,nds->ngqs", _merged(q), kt.astype(q.dtype), precision=precision,
                    preferred_element_type=jnp.float32) * scale
+    s = s.reshape(B, K, *s.shape[1:])
     if slopes is not None:  # slopes [K, G]
         s = s - slopes[None, :, :, None, None] * mask.distance(qw, kw)[:, None, None]
     return jnp.where(mask.allowed(qw, kw)[:, :, None], s, NEG)
 
 
-def dense_attention(q, k, v, mask: AttentionMask, slopes, scale, precision=None, dtype=jnp.float32,
+def dense_attention(q, kt, v, mask: AttentionMask, slopes, scale, precision=None, dtype=jnp.float32,
                     dropout=None):
     """The whole [T, S] score matrix at once: fastest for short inputs. `dropout(probs)` is applied
     to the probabilities when given (training with attn_pdrop)."""
-    s = _scores(q, k, mask, slopes, scale, (None, None), (None, None), precision)
+    B, K = q.shape[:2]
+    s = _scores(q, kt, mask, slopes, scale, (None, None), (None, None), precision)
     probs = jax.nn.softmax(s, axis=-1).astype(dtype)
     if dropout is not None:
         probs = dropout(probs)
-    return jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dtype), precision=precision)
+    out = jnp.einsum("ngts,nsd->ngtd", _merged(probs), v.astype(dtype), precision=precision)
+    return jnp.moveaxis(out.reshape(B, K, *out.shape[1:]), 3, 1)
 
 
 # ------------------------------------------------------------------ blockwise
@@ -119,18 +129,18 @@ def _blocks_to_visit(mask: AttentionMask, q_start, tq, tk, n_kb):
     return jnp.clip((last - first_slot) // tk + 1, 1, n_kb)
 
 
-def _block(q_block, k, v, j, tk, mask, slopes, scale, q_window, precision):
-    """Key block j: (k block, v block, its masked, biased scores against q_block)."""
+def _block(q_block, kt, v, j, tk, mask, slopes, scale, q_window, precision):
+    """Key block j: (kt block [N, D, tk], v block [N, tk, D], its masked, biased scores against q_block)."""
     ks = j * tk
-    kb = jax.lax.dynamic_slice_in_dim(k, ks, tk, axis=2)
-    vb = jax.lax.dynamic_slice_in_dim(v, ks, tk, axis=2)
+    kb = jax.lax.dynamic_slice_in_dim(kt, ks, tk, axis=2)
+    vb = jax.lax.dynamic_slice_in_dim(v, ks, tk, axis=1)
     return kb, vb, _scores(q_block, kb, mask, slopes, scale, q_window, (ks, tk), precision)
 
 
-def _forward(q, k, v, mask, slopes, scale, tq, tk, precision):
+def _forward(q, kt, v, mask, slopes, scale, tq, tk, precision):
     """out [B, K, G, T, D] (float32) and log-sum-exp [B, K, G, T]; T, S multiples of tq, tk."""
     B, K, G, T, D = q.shape
-    n_kb = k.shape[2] // tk
+    n_kb = kt.shape[2] // tk
 
     def q_block(qi):
         qs = qi * tq
@@ -138,15 +148,16 @@ def _forward(q, k, v, mask, slopes, scale, tq, tk, precision):
 
         def step(j, carry):
             m, l, acc = carry
-            _, vb, s = _block(qb, k, v, j, tk, mask, slopes, scale, (qs, tq), precision)
+            _, vb, s = _block(qb, kt, v, j, tk, mask, slopes, scale, (qs, tq), precision)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
             l = l * corr + p.sum(-1)
             # probabilities in the value dtype for the product, accumulated in float32 (as flash
             # attention does); converting v instead would let XLA hoist a float32 copy of the cache
-            acc = acc * corr[..., None] + jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb, precision=precision,
-                                                     preferred_element_type=jnp.float32)
+            pv = jnp.einsum("ngqs,nsd->ngqd", _merged(p.astype(vb.dtype)), vb, precision=precision,
+                            preferred_element_type=jnp.float32)
+            acc = acc * corr[..., None] + pv.reshape(acc.shape)
             return m_new, l, acc
 
         init = (jnp.full((B, K, G, tq), NEG, jnp.float32), jnp.zeros((B, K, G, tq), jnp.float32),
@@ -160,10 +171,10 @@ def _forward(q, k, v, mask, slopes, scale, tq, tk, precision):
     return out, lse
 
 
-def _backward(q, k, v, mask, slopes, scale, tq, tk, precision, out, lse, dout):
-    """Flash-attention's backward: dq, dk, dv with probabilities recomputed per block."""
+def _backward(q, kt, v, mask, slopes, scale, tq, tk, precision, out, lse, dout):
+    """Flash-attention's backward: dq, dkt, dv with probabilities recomputed per block."""
     B, K, G, T, D = q.shape
-    n_kb = k.shape[2] // tk
+    n_kb = kt.shape[2] // tk
     delta = jnp.sum(dout * out, axis=-1)  # [B, K, G, T]
 
     def q_block(qi, carry):
@@ -177,57 +188,58 @@ def _backward(q, k, v, mask, slopes, scale, tq, tk, precision, out, lse, dout):
         def step(j, inner):
             dk, dv, dqb = inner
             ks = j * tk
-            kb, vb, s = _block(qb, k, v, j, tk, mask, slopes, scale, (qs, tq), precision)
+            kb, vb, s = _block(qb, kt, v, j, tk, mask, slopes, scale, (qs, tq), precision)
             p = jnp.exp(s - lse_b[..., None])
-            dv_b = jnp.einsum("bkgqs,bkgqd->bksd", p, dob, precision=precision)
-            dp = jnp.einsum("bkgqd,bksd->bkgqs", dob, vb.astype(jnp.float32), precision=precision)
-            ds = p * (dp - delta_b[..., None]) * scale
-            dqb = dqb + jnp.einsum("bkgqs,bksd->bkgqd", ds, kb.astype(jnp.float32), precision=precision)
-            dk_b = jnp.einsum("bkgqs,bkgqd->bksd", ds, qb.astype(jnp.float32), precision=precision)
+            dv_b = jnp.einsum("ngqs,ngqd->nsd", _merged(p), _merged(dob), precision=precision)
+            dp = jnp.einsum("ngqd,nsd->ngqs", _merged(dob), vb.astype(jnp.float32), precision=precision)
+            ds = p * (dp.reshape(p.shape) - delta_b[..., None]) * scale
+            dq_b = jnp.einsum("ngqs,nds->ngqd", _merged(ds), kb.astype(jnp.float32), precision=precision)
+            dqb = dqb + dq_b.reshape(dqb.shape)
+            dk_b = jnp.einsum("ngqs,ngqd->nds", _merged(ds), _merged(qb.astype(jnp.float32)), precision=precision)
             dk = jax.lax.dynamic_update_slice_in_dim(dk, jax.lax.dynamic_slice_in_dim(dk, ks, tk, 2) + dk_b, ks, 2)
-            dv = jax.lax.dynamic_update_slice_in_dim(dv, jax.lax.dynamic_slice_in_dim(dv, ks, tk, 2) + dv_b, ks, 2)
+            dv = jax.lax.dynamic_update_slice_in_dim(dv, jax.lax.dynamic_slice_in_dim(dv, ks, tk, 1) + dv_b, ks, 1)
             return dk, dv, dqb
 
         dqb = jnp.zeros((B, K, G, tq, D), jnp.float32)
         dk, dv, dqb = jax.lax.fori_loop(0, _blocks_to_visit(mask, qs, tq, tk, n_kb), step, (dk, dv, dqb))
         return dk, dv, jax.lax.dynamic_update_slice_in_dim(dq, dqb, qs, axis=3)
 
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv, dq = jax.lax.fori_loop(0, T // tq, q_block, (zeros, zeros, jnp.zeros(q.shape, jnp.float32)))
+    init = (jnp.zeros(kt.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32), jnp.zeros(q.shape, jnp.float32))
+    dk, dv, dq = jax.lax.fori_loop(0, T // tq, q_block, init)
     return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _flash(q, k, v, mask, slopes, scale, tq, tk, precision):
-    return _forward(q, k, v, mask, slopes, scale, tq, tk, precision)[0]
+def _flash(q, kt, v, mask, slopes, scale, tq, tk, precision):
+    return _forward(q, kt, v, mask, slopes, scale, tq, tk, precision)[0]
 
 
-def _flash_fwd(q, k, v, mask, slopes, scale, tq, tk, precision):
-    out, lse = _forward(q, k, v, mask, slopes, scale, tq, tk, precision)
-    return out, (q, k, v, mask, slopes, out, lse)
+def _flash_fwd(q, kt, v, mask, slopes, scale, tq, tk, precision):
+    out, lse = _forward(q, kt, v, mask, slopes, scale, tq, tk, precision)
+    return out, (q, kt, v, mask, slopes, out, lse)
 
 
 def _flash_bwd(scale, tq, tk, precision, res, dout):
-    q, k, v, mask, slopes, out, lse = res
-    dq, dk, dv = _backward(q, k, v, mask, slopes, scale, tq, tk, precision, out, lse, dout.astype(jnp.float32))
+    q, kt, v, mask, slopes, out, lse = res
+    dq, dk, dv = _backward(q, kt, v, mask, slopes, scale, tq, tk, precision, out, lse, dout.astype(jnp.float32))
     zero_mask = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, jax.dtypes.float0), mask)  # ints and bools
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_mask,
+    return (dq.astype(q.dtype), dk.astype(kt.dtype), dv.astype(v.dtype), zero_mask,
             None if slopes is None else jnp.zeros_like(slopes))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def blockwise_attention(q, k, v, mask: AttentionMask, slopes, scale, precision=None, dtype=jnp.float32,
+def blockwise_attention(q, kt, v, mask: AttentionMask, slopes, scale, precision=None, dtype=jnp.float32,
                         q_block: int = Q_BLOCK, k_block: int = K_BLOCK):
     """Same result as dense_attention, in O(q_block * k_block) temporaries (no dropout)."""
     B, K, G, T, D = q.shape
-    S = k.shape[2]
+    S = kt.shape[2]
     tq, tk = min(q_block, T), min(k_block, S)
     Tp, Sp = _round_up(T, tq), _round_up(S, tk)
     # padded queries are discarded; padded keys are invalid, and placed past every real slot
     qpad = _pad_to(q, Tp, axis=3)
-    kpad, vpad = _pad_to(k, Sp, axis=2), _pad_to(v, Sp, axis=2)
+    kpad, vpad = _pad_to(kt, Sp, axis=2), _pad_to(v, Sp, axis=1)
     last_q = mask.q_slots[:, -1:]
     padded = mask.replace(
         q_slots=jnp.concatenate([mask.q_slots, jnp.broadcast_to(last_q, (B, Tp - T))], axis=1),
@@ -252,13 +264,13 @@ def use_blockwise(T: int, S: int, dropout: bool) -> bool:
     return T >= DECODE_QUERIES and T * S >= BLOCKWISE_MIN_SCORES
 
 
-def attend(q, k, v, mask: AttentionMask, slopes, scale, precision=None, dtype=jnp.float32, dropout=None,
+def attend(q, kt, v, mask: AttentionMask, slopes, scale, precision=None, dtype=jnp.float32, dropout=None,
            impl: str = "auto"):
     """Dispatch by shape: impl "auto", "dense" or "blockwise"."""
     if impl == "auto":
-        impl = "blockwise" if use_blockwise(q.shape[3], k.shape[2], dropout is not None) else "dense"
+        impl = "blockwise" if use_blockwise(q.shape[3], kt.shape[2], dropout is not None) else "dense"
     if impl == "blockwise":
         if dropout is not None:
             raise ValueError("the blockwise attention kernel has no attention dropout; use impl='dense'")
-        return blockwise_attention(q, k, v, mask, slopes, scale, precision, dtype)
-    return dense_attention(q, k, v, mask, slopes, scale, precision, dtype, dropout)
+        return blockwise_attention(q, kt, v, mask, slopes, scale, precision, dtype)
+    return dense_attention(q, kt, v, mask, slopes, scale, precision, dtype, dropout)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from easympt.attention import AttentionMask, attend
-from easympt.cache import write_rows
+from easympt.cache import write_layer
 from easympt.config import MptConfig
 from easympt.sharding import constrain
 
@@ -144,8 +144,8 @@ class MptAttention(MptModule):
     def __call__(self, x, mask: AttentionMask, layer_cache=None, write_index=None, deterministic=True):
         """x [B, T, E]; mask: which key slots each query sees, and their positions (for ALiBi).
 
-        layer_cache: (keys, values) buffers [B, K, S, D] to write the new keys
-        into at `write_index` [B]; returns (out [B, T, E], new layer_cache).
+        layer_cache: (keys [B*K, D, S], values [B*K, S, D]) buffers (easympt.cache) to write the new
+        keys into at `write_index` [B]; returns (out [B, T, E], new layer_cache).
         """
         c = self.config
         B, T, _ = x.shape
@@ -162,7 +162,7 @@ class MptAttention(MptModule):
         if c.attn_config.qk_ln:
             q = make_norm(c, "q_ln", self.dtype, self.param_dtype)(q).astype(qkv.dtype)
             k = make_norm(c, "k_ln", self.dtype, self.param_dtype)(k).astype(qkv.dtype)
-        # heads-major layout [B, K, T, D] to match the cache: no per-step transposes of the cache
+        # heads-major [B, K, T, D]; the cache's layouts (keys [B*K, D, S], values [B*K, S, D]) from there
         q = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
         k = constrain(k.reshape(B, T, K, D).transpose(0, 2, 1, 3), self.mesh,
                       ("batch", "kv_heads", "length", "head_dim"))
@@ -170,11 +170,11 @@ class MptAttention(MptModule):
                       ("batch", "kv_heads", "length", "head_dim"))
 
         if layer_cache is not None:
-            k = write_rows(layer_cache[0], k, write_index, axis=2)
-            v = write_rows(layer_cache[1], v, write_index, axis=2)
-            layer_cache = (k, v)
+            layer_cache = write_layer(*layer_cache, k, v, write_index)
             W = mask.k_slots.shape[0]  # a cache window: attend over its first W slots
-            k, v = k[:, :, :W], v[:, :, :W]
+            k, v = layer_cache[0][:, :, :W], layer_cache[1][:, :W]
+        else:
+            k, v = k.transpose(0, 1, 3, 2).reshape(B * K, D, T), v.reshape(B * K, T, D)
 
         scale = c.attn_config.softmax_scale or 1.0 / math.sqrt(D)
         slopes = None

@@ -13,11 +13,35 @@ B, K, G, D = 2, 2, 3, 8
 
 
 def _inputs(T, S, seed=0):
+    """q [B, K, G, T, D] and keys, values in the cache's layouts: kt [B*K, D, S], v [B*K, S, D]."""
     rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.standard_normal((B, K, G, T, D)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((B, K, S, D)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((B, K, S, D)), jnp.float32)
-    return q, k, v
+    k = rng.standard_normal((B, K, S, D))
+    v = rng.standard_normal((B, K, S, D))
+    return (q, jnp.asarray(k.transpose(0, 1, 3, 2).reshape(B * K, D, S), jnp.float32),
+            jnp.asarray(v.reshape(B * K, S, D), jnp.float32))
+
+
+def test_dense_kernel_reads_the_cache_layouts_as_numpy_attention_does():
+    T, S = 5, 12
+    q, kt, v = _inputs(T, S)
+    mask = _mask("causal", T, S)
+    slopes = jnp.asarray(alibi_slopes(K * G)).reshape(K, G)
+    out = np.asarray(dense_attention(q, kt, v, mask, slopes, 0.5))  # [B, T, K, G, D]
+    k = np.asarray(kt).reshape(B, K, D, S).transpose(0, 1, 3, 2)  # back to [B, K, S, D]
+    vv = np.asarray(v).reshape(B, K, S, D)
+    allowed = np.asarray(mask.allowed())[:, 0]  # [B, T, S]
+    dist = np.abs(np.asarray(mask.q_slots)[:, :, None] - np.arange(S)[None, None])
+    for b in range(B):
+        for h in range(K):
+            for g in range(G):
+                for t in range(T):
+                    if not allowed[b, t].any():
+                        continue
+                    s = np.asarray(q)[b, h, g, t] @ k[b, h].T * 0.5 - float(slopes[h, g]) * dist[b, t]
+                    s = np.where(allowed[b, t], s, -np.inf)
+                    p = np.exp(s - s.max())
+                    np.testing.assert_allclose(out[b, t, h, g], (p / p.sum()) @ vv[b, h], atol=1e-5)
 
 
 def _mask(kind, T, S):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easympt.cache import KVCache
+from easympt.cache import KVCache, cache_rows
 from easympt.generation.sampling import (MAX_LOGPROBS, NO_STOP, SamplingConfig, SamplingRows, TokenLogprobs, sample,
                                         token_logprobs)
 from easympt.model import FlaxMptForCausalLM, unwrap_params
@@ -168,14 +168,13 @@ class GenerationEngine:
         new = self._start(prefix, capacity=c.max_length)
         P = prefix.cache.max_length
 
-        def put(buf, rows):  # rows [n, K, P, D] into buf[slots, :, :P]
-            return buf.at[slots, :, :P].set(rows.astype(buf.dtype), mode="drop")
-
+        rows = cache_rows(slots, self.config.kv_heads)  # the slots' rows of the merged batch-and-heads dim
         key_valid = c.key_valid.at[slots].set(False, mode="drop")
         key_valid = key_valid.at[slots, :P].set(prefix.cache.key_valid, mode="drop")
         cache = c.replace(
-            keys=tuple(put(b, r) for b, r in zip(c.keys, prefix.cache.keys)),
-            values=tuple(put(b, r) for b, r in zip(c.values, prefix.cache.values)),
+            keys=tuple(b.at[rows, :, :P].set(r.astype(b.dtype), mode="drop") for b, r in zip(c.keys, prefix.cache.keys)),
+            values=tuple(b.at[rows, :P].set(r.astype(b.dtype), mode="drop")
+                         for b, r in zip(c.values, prefix.cache.values)),
             key_valid=key_valid,
             index=c.index.at[slots].set(prefix.cache.index, mode="drop"),
             n_tokens=c.n_tokens.at[slots].set(prefix.cache.n_tokens, mode="drop"))
