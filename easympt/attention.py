@@ -31,6 +31,7 @@ NEG = float(jnp.finfo(jnp.float32).min)  # the score of a masked slot (as transf
 # blockwise loop over 32 key blocks ran at 2.4 tok/s), though it reads the whole cache bucket.
 BLOCKWISE_MIN_SCORES = 1 << 20
 DECODE_QUERIES = 16
+ATTENTION_KERNELS = ("auto", "dense", "blockwise", "pallas")
 Q_BLOCK, K_BLOCK = 512, 512
 
 
@@ -219,7 +220,9 @@ def _flash_fwd(q, kt, v, mask, slopes, scale, tq, tk, precision):
     return out, (q, kt, v, mask, slopes, out, lse)
 
 
-def _flash_bwd(scale, tq, tk, precision, res, dout):
+def flash_backward(scale, tq, tk, precision, res, dout):
+    """Gradients of q, kt, v (and zeros for the mask and slopes) from a flash forward's residuals
+    (q, kt, v, mask, slopes, out, lse); shared with the Pallas kernel's forward."""
     q, kt, v, mask, slopes, out, lse = res
     dq, dk, dv = _backward(q, kt, v, mask, slopes, scale, tq, tk, precision, out, lse, dout.astype(jnp.float32))
     zero_mask = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, jax.dtypes.float0), mask)  # ints and bools
@@ -227,17 +230,24 @@ def _flash_bwd(scale, tq, tk, precision, res, dout):
             None if slopes is None else jnp.zeros_like(slopes))
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash.defvjp(_flash_fwd, flash_backward)
 
 
 def blockwise_attention(q, kt, v, mask: AttentionMask, slopes, scale, precision=None, dtype=jnp.float32,
                         q_block: int = Q_BLOCK, k_block: int = K_BLOCK):
     """Same result as dense_attention, in O(q_block * k_block) temporaries (no dropout)."""
-    B, K, G, T, D = q.shape
-    S = kt.shape[2]
+    T, S = q.shape[3], kt.shape[2]
     tq, tk = min(q_block, T), min(k_block, S)
+    qpad, kpad, vpad, padded = pad_to_blocks(q, kt, v, mask, tq, tk)
+    out = _flash(qpad, kpad, vpad, padded, slopes, float(scale), tq, tk, precision)
+    return jnp.moveaxis(out[:, :, :, :T], 3, 1).astype(dtype)  # [B, T, K, G, D]
+
+
+def pad_to_blocks(q, kt, v, mask: AttentionMask, tq: int, tk: int):
+    """Queries and keys padded to whole blocks, with the mask to match: padded queries are discarded
+    by the caller; padded keys are invalid and placed past every real slot."""
+    B, T, S = q.shape[0], q.shape[3], kt.shape[2]
     Tp, Sp = _round_up(T, tq), _round_up(S, tk)
-    # padded queries are discarded; padded keys are invalid, and placed past every real slot
     qpad = _pad_to(q, Tp, axis=3)
     kpad, vpad = _pad_to(kt, Sp, axis=2), _pad_to(v, Sp, axis=1)
     last_q = mask.q_slots[:, -1:]
@@ -248,8 +258,7 @@ def blockwise_attention(q, kt, v, mask: AttentionMask, slopes, scale, precision=
         key_prefix=None if mask.key_prefix is None else _pad_to(mask.key_prefix, Sp, axis=1, value=False),
         q_segment=None if mask.q_segment is None else _pad_to(mask.q_segment, Tp, axis=1, value=-1),
         k_segment=None if mask.k_segment is None else _pad_to(mask.k_segment, Sp, axis=1, value=-2))
-    out = _flash(qpad, kpad, vpad, padded, slopes, float(scale), tq, tk, precision)
-    return jnp.moveaxis(out[:, :, :, :T], 3, 1).astype(dtype)  # [B, T, K, G, D]
+    return qpad, kpad, vpad, padded
 
 
 def _round_up(n: int, m: int) -> int:
@@ -266,11 +275,16 @@ def use_blockwise(T: int, S: int, dropout: bool) -> bool:
 
 def attend(q, kt, v, mask: AttentionMask, slopes, scale, precision=None, dtype=jnp.float32, dropout=None,
            impl: str = "auto"):
-    """Dispatch by shape: impl "auto", "dense" or "blockwise"."""
+    """Dispatch by shape: impl "auto", "dense", "blockwise" or "pallas" (decode, a few queries, stays
+    dense under "pallas": the kernel's query blocks are for prompts)."""
     if impl == "auto":
         impl = "blockwise" if use_blockwise(q.shape[3], kt.shape[2], dropout is not None) else "dense"
+    if impl in ("blockwise", "pallas") and dropout is not None:
+        raise ValueError(f"the {impl} attention kernel has no attention dropout; use attention='dense'")
+    if impl == "pallas" and q.shape[3] >= DECODE_QUERIES:
+        from easympt.pallas_attention import pallas_attention  # jax.experimental.pallas only when asked for
+
+        return pallas_attention(q, kt, v, mask, slopes, scale, precision, dtype)
     if impl == "blockwise":
-        if dropout is not None:
-            raise ValueError("the blockwise attention kernel has no attention dropout; use impl='dense'")
         return blockwise_attention(q, kt, v, mask, slopes, scale, precision, dtype)
     return dense_attention(q, kt, v, mask, slopes, scale, precision, dtype, dropout)

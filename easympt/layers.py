@@ -134,7 +134,7 @@ class MptModule(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     precision: jax.lax.Precision | None = None
     mesh: jax.sharding.Mesh | None = None
-    attention: str = "auto"  # attention kernel: "auto" (by shape), "dense" or "blockwise" (easympt.attention)
+    attention: str = "auto"  # attention kernel: "auto" (by shape), "dense", "blockwise", "pallas" (easympt.attention)
 
 
 # ------------------------------------------------------------------- attention

@@ -16,7 +16,7 @@ import optax
 from easympt.cache import KVCache, write_rows
 from easympt.config import MptConfig
 from easympt.dtypes import default_compute_dtype, resolve_dtype
-from easympt.attention import AttentionMask
+from easympt.attention import ATTENTION_KERNELS, AttentionMask
 from easympt.layers import FlatDense, MptAttention, MptFFN, MptModule, flat_tokens, initializers, make_norm
 from easympt.sharding import constrain
 
@@ -189,9 +189,10 @@ class FlaxMptPreTrainedModel:
     def __init__(self, config: MptConfig, dtype=None, param_dtype=jnp.float32, precision=None,
                  _do_init: bool = True, input_shape=(1, 1), seed: int = 0, mesh=None, remat: bool = False,
                  attention: str = "auto"):
-        """attention: "auto" (dense for short inputs, blockwise for long), "dense" or "blockwise"."""
-        if attention not in ("auto", "dense", "blockwise"):
-            raise ValueError(f"attention {attention!r} is not one of auto, dense, blockwise")
+        """attention: "auto" (dense for short inputs, blockwise for long), "dense", "blockwise" or
+        "pallas" (easympt.pallas_attention: a Pallas kernel for accelerators, interpreted on CPU)."""
+        if attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION_KERNELS)}")
         self.config = config
         self.dtype = resolve_dtype(dtype) or default_compute_dtype()
         self.param_dtype = resolve_dtype(param_dtype)

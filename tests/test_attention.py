@@ -1,5 +1,6 @@
-"""The blockwise (flash-attention style) kernel equals the dense one, forward and backward, under
-every mask easympt builds; the model gives the same logits with either."""
+"""The blockwise (flash-attention style) kernel and the Pallas kernel (interpret mode on CPU) equal
+the dense one, forward and backward, under every mask easympt builds; the model gives the same
+logits, cached decode and training gradients with each."""
 
 import jax
 import jax.numpy as jnp
@@ -63,9 +64,16 @@ CASES = [("causal", 37, 37), ("causal", 64, 64), ("prefix", 37, 37), ("sequence_
          ("bidirectional", 21, 21), ("causal", 1, 96), ("causal", 5, 64), ("causal", 13, 50)]
 
 
+def _pallas(*args, q_block, k_block):
+    from easympt.pallas_attention import pallas_attention  # Pallas interpret mode on CPU
+
+    return pallas_attention(*args, q_block=q_block, k_block=k_block)
+
+
+@pytest.mark.parametrize("kernel", ["blockwise", "pallas"])
 @pytest.mark.parametrize("alibi", [True, False])
 @pytest.mark.parametrize("kind,T,S", CASES)
-def test_blockwise_equals_dense_forward_and_backward(kind, T, S, alibi):
+def test_blocked_kernels_equal_dense_forward_and_backward(kind, T, S, alibi, kernel):
     q, k, v = _inputs(T, S)
     mask = _mask(kind, T, S)
     slopes = jnp.asarray(alibi_slopes(K * G)).reshape(K, G) if alibi else None
@@ -78,7 +86,8 @@ def test_blockwise_equals_dense_forward_and_backward(kind, T, S, alibi):
         return jnp.sum(out * w * jnp.asarray(rows)[:, :, None, None, None]), out
 
     (ld, od), gd = jax.value_and_grad(lambda *a: loss(dense_attention, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    (lb, ob), gb = jax.value_and_grad(lambda *a: loss(blockwise_attention, *a, q_block=8, k_block=16),
+    fn = blockwise_attention if kernel == "blockwise" else _pallas
+    (lb, ob), gb = jax.value_and_grad(lambda *a: loss(fn, *a, q_block=8, k_block=16),
                                       argnums=(0, 1, 2), has_aux=True)(q, k, v)
     np.testing.assert_allclose(np.asarray(ob)[rows], np.asarray(od)[rows], atol=2e-5, rtol=1e-5)
     for a, b in zip(gb, gd):
@@ -94,9 +103,10 @@ def test_blockwise_under_jit_with_gqa_single_block():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
 
+@pytest.mark.parametrize("kernel", ["blockwise", "pallas"])
 @pytest.mark.parametrize("variant", [{}, {"attn_config": {"alibi": True, "qk_ln": True, "attn_type":
                                                             "grouped_query_attention", "kv_n_heads": 2}}])
-def test_model_logits_and_cached_decode_equal_with_either_kernel(tmp_path, variant):
+def test_model_logits_and_cached_decode_equal_with_either_kernel(tmp_path, variant, kernel):
     from conftest import full_config, random_state_dict, write_checkpoint
 
     from easympt import FlaxMptForCausalLM
@@ -109,12 +119,12 @@ def test_model_logits_and_cached_decode_equal_with_either_kernel(tmp_path, varia
     mask = np.ones_like(ids)
     mask[1, :6] = 0
     dense = FlaxMptForCausalLM(config, dtype="fp32", _do_init=False, attention="dense")
-    block = FlaxMptForCausalLM(config, dtype="fp32", _do_init=False, attention="blockwise")
+    block = FlaxMptForCausalLM(config, dtype="fp32", _do_init=False, attention=kernel)
     a = np.asarray(dense(ids, attention_mask=mask, params=params).logits)
     b = np.asarray(block(ids, attention_mask=mask, params=params).logits)
     keep = mask.astype(bool)
     np.testing.assert_allclose(b[keep], a[keep], atol=1e-4 * max(1, np.abs(a).max()))
-    # decode one token at a time into a cache with the blockwise kernel: same as the full pass
+    # decode one token at a time into a cache (a 30-token prompt through the kernel): same as the full pass
     cache = block.init_cache(2, 64)
     out = block(ids[:, :30], attention_mask=mask[:, :30], params=params, cache=cache)
     steps = [out.logits[:, -1]]
@@ -140,8 +150,9 @@ def test_training_gradients_equal_with_either_kernel(tmp_path):
              "attention_mask": jnp.ones((2, 48), jnp.int32), "loss_mask": jnp.ones((2, 48), jnp.int32),
              "sequence_id": jnp.asarray(np.repeat(np.arange(4), 12)[None].repeat(2, 0))}
     grads = []
-    for attention in ("dense", "blockwise"):
+    for attention in ("dense", "blockwise", "pallas"):
         m = FlaxMptForCausalLM(config, dtype="fp32", _do_init=False, attention=attention)
         grads.append(jax.grad(lambda p: m.loss(p, batch, jax.random.PRNGKey(0), True))(params))
-    for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-3)
+    for other in grads[1:]:
+        for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(other)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-3)
