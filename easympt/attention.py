@@ -210,19 +210,9 @@ def _backward(q, kt, v, mask, slopes, scale, tq, tk, precision, out, lse, dout):
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _flash(q, kt, v, mask, slopes, scale, tq, tk, precision):
-    return _forward(q, kt, v, mask, slopes, scale, tq, tk, precision)[0]
-
-
-def _flash_fwd(q, kt, v, mask, slopes, scale, tq, tk, precision):
-    out, lse = _forward(q, kt, v, mask, slopes, scale, tq, tk, precision)
-    return out, (q, kt, v, mask, slopes, out, lse)
-
-
-def flash_backward(scale, tq, tk, precision, res, dout):
+def _flash_backward(scale, tq, tk, precision, res, dout):
     """Gradients of q, kt, v (and zeros for the mask and slopes) from a flash forward's residuals
-    (q, kt, v, mask, slopes, out, lse); shared with the Pallas kernel's forward."""
+    (q, kt, v, mask, slopes, out, lse)."""
     q, kt, v, mask, slopes, out, lse = res
     dq, dk, dv = _backward(q, kt, v, mask, slopes, scale, tq, tk, precision, out, lse, dout.astype(jnp.float32))
     zero_mask = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, jax.dtypes.float0), mask)  # ints and bools
@@ -230,7 +220,28 @@ def flash_backward(scale, tq, tk, precision, res, dout):
             None if slopes is None else jnp.zeros_like(slopes))
 
 
-_flash.defvjp(_flash_fwd, flash_backward)
+def flash_attention_vjp(forward, precision_of=lambda option: option):
+    """An attention function with flash attention's backward from a kernel's forward pass
+    `forward(q, kt, v, mask, slopes, scale, tq, tk, option) -> (out, lse)`: the backward needs only the
+    inputs, the output and the log-sum-exp. `option` is the forward's static setting (matmul
+    precision here, interpret mode for the Pallas kernel); `precision_of(option)` is the backward's."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+    def attention(q, kt, v, mask, slopes, scale, tq, tk, option):
+        return forward(q, kt, v, mask, slopes, scale, tq, tk, option)[0]
+
+    def fwd(q, kt, v, mask, slopes, scale, tq, tk, option):
+        out, lse = forward(q, kt, v, mask, slopes, scale, tq, tk, option)
+        return out, (q, kt, v, mask, slopes, out, lse)
+
+    def bwd(scale, tq, tk, option, res, dout):
+        return _flash_backward(scale, tq, tk, precision_of(option), res, dout)
+
+    attention.defvjp(fwd, bwd)
+    return attention
+
+
+_flash = flash_attention_vjp(_forward)
 
 
 def blockwise_attention(q, kt, v, mask: AttentionMask, slopes, scale, precision=None, dtype=jnp.float32,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from easympt.attention import NEG, AttentionMask, flash_backward, pad_to_blocks
+from easympt.attention import NEG, AttentionMask, flash_attention_vjp, pad_to_blocks
 
 
 def _kernel(q_ref, kt_ref, v_ref, q_slots_ref, q_seg_ref, k_slots_ref, k_valid_ref, k_prefix_ref, k_seg_ref,
@@ -102,22 +102,8 @@ def _forward(q, kt, v, mask: AttentionMask, slopes, scale, tq, tk, interpret):
     return out.reshape(B, K, G, Tp, D), lse.reshape(B, K, G, Tp)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _pallas_flash(q, kt, v, mask, slopes, scale, tq, tk, interpret):
-    return _forward(q, kt, v, mask, slopes, scale, tq, tk, interpret)[0]
-
-
-def _pallas_flash_fwd(q, kt, v, mask, slopes, scale, tq, tk, interpret):
-    out, lse = _forward(q, kt, v, mask, slopes, scale, tq, tk, interpret)
-    return out, (q, kt, v, mask, slopes, out, lse)
-
-
-def _pallas_flash_bwd(scale, tq, tk, interpret, res, dout):
-    # the blockwise kernel's backward needs only the inputs, the output and the log-sum-exp
-    return flash_backward(scale, tq, tk, None, res, dout)
-
-
-_pallas_flash.defvjp(_pallas_flash_fwd, _pallas_flash_bwd)
+# the gradient: the blockwise kernel's flash backward from this kernel's output and log-sum-exp
+_pallas_flash = flash_attention_vjp(_forward, precision_of=lambda interpret: None)
 
 
 def pallas_attention(q, kt, v, mask: AttentionMask, slopes, scale, precision=None, dtype=jnp.float32,
