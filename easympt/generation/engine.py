@@ -312,18 +312,13 @@ class GenerationEngine:
 
     def decode_window(self, slots_needed: int, cache_len: int) -> int | None:
         """The cache window a decode dispatch may attend over when no row needs more than
-        `slots_needed` slots: a prompt bucket (few compiled shapes), or None for the whole cache."""
-        for b in self.buckets:
-            if slots_needed <= b:
-                return b if b < cache_len else None
-        w = self.prefill_chunk
-        while w < slots_needed:
-            w *= 2
-        return w if w < cache_len else None
+        `slots_needed` slots: the smallest of `decode_windows`, or None for the whole cache."""
+        return next((w for w in self.decode_windows(cache_len)[:-1] if slots_needed <= w), None)
 
     def decode_windows(self, cache_len: int) -> tuple[int | None, ...]:
-        """Every window `decode_window` can choose for a cache of cache_len slots (None: the whole
-        cache): the decode shapes a server precompiles."""
+        """The windows a decode dispatch can attend over in a cache of cache_len slots, smallest
+        first, None (the whole cache) last: prompt buckets (few compiled shapes), then powers of two
+        of the chunk; the decode shapes a server precompiles."""
         windows = {b for b in self.buckets if b < cache_len}
         w = self.prefill_chunk
         while w < cache_len:
