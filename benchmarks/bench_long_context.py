@@ -6,9 +6,12 @@ length + 64 slots; peak RSS (VmHWM) is reported over the RSS after loading (the 
 the KV cache's own bytes, so "temporaries" = peak growth - KV cache. The same process times batch-1
 greedy decode (32 steps after 1 warm-up dispatch) at that context. At the smallest length the
 one-pass prefill with dense attention (as before the blockwise kernel and chunks) runs too.
-Prints a table and one JSON line.
+With --reference N: the greedy continuation of an N-token prompt by a small random ALiBi model
+(the tests' geometry, max_seq_len 64), prefilled in chunks with the blockwise kernel, against the
+numpy reference of llm-foundry's MPT (tests/reference_mpt.py, float64, attention a block of query
+rows at a time). Prints a table and one JSON line.
 
-    python benchmarks/bench_long_context.py [--lengths 2048,8192,16384,32768] [--chunk 2048]
+    python benchmarks/bench_long_context.py [--lengths 2048,8192,16384,32768] [--chunk 2048] [--reference 16384]
 """
 
 from __future__ import annotations
@@ -63,13 +66,65 @@ def worker(length: int, chunk: int, geometry: str, one_pass: bool) -> dict:
             "peak_growth_bytes": peak, "kv_cache_bytes": kv, "temporaries_bytes": peak - kv, "decode_tok_s": decode}
 
 
+def reference_check(length: int, chunk: int, n_new: int = 4) -> dict:
+    """easympt's greedy tokens after a `length`-token prompt equal the numpy reference's?"""
+    import tempfile
+
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from conftest import full_config, random_state_dict, write_checkpoint
+    from reference_mpt import forward
+
+    from easympt import FlaxMptForCausalLM
+    from easympt.generation import GenerationEngine, SamplingConfig
+    from easympt.transform import mpt_from_pretrained
+
+    cfg = full_config(max_seq_len=64)
+    sd = random_state_dict(cfg, seed=4)
+    with tempfile.TemporaryDirectory() as tmp:
+        params, config = mpt_from_pretrained(write_checkpoint(os.path.join(tmp, "m"), cfg, sd), dtype="fp32",
+                                             progress=False)
+    ids = np.random.default_rng(7).integers(0, cfg["vocab_size"], length).tolist()
+    eng = GenerationEngine(FlaxMptForCausalLM(config, dtype="fp32", _do_init=False), params,
+                           max_length=length + 64, max_compile_tokens=16, prefill_chunk=chunk)
+    t0 = time.perf_counter()
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=n_new, logprobs=5)
+    prefix = eng.prefill_batch([ids], [greedy], cache_len=length + 64)
+    first = int(prefix.token[0])
+    top_ids, top = np.asarray(prefix.logprobs.top_ids)[0], np.asarray(prefix.logprobs.top)[0]
+    state, out = eng.generate(eng.params, eng.start(prefix), n_steps=n_new - 1)
+    ours = [first] + [int(t) for t in np.asarray(out)[0] if t >= 0]
+    ours_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    want, seq = [], list(ids)
+    for i in range(n_new):
+        logits = forward(cfg, sd, np.asarray([seq]), query_block=1024)[0, -1]
+        if i == 0:  # the first token's top log-probabilities, against easympt's (float32)
+            logprobs = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+            diff = float(np.abs(logprobs[top_ids] - top).max())
+        want.append(int(np.argmax(logits)))
+        seq.append(want[-1])
+    return {"length": length, "easympt": ours, "reference": want, "equal": ours == want,
+            "top5_logprob_max_abs_diff": diff, "easympt_s": ours_s, "reference_s": time.perf_counter() - t0}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="2048,8192,16384,32768")
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--geometry", default="mpt-125m")
+    ap.add_argument("--reference", type=int, default=None, metavar="N",
+                    help="only check greedy tokens after an N-token prompt against the numpy reference")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.reference:
+        r = reference_check(args.reference, args.chunk)
+        print(f"{r['length']} tokens: easympt {r['easympt']} ({r['easympt_s']:.1f} s), reference {r['reference']} "
+              f"({r['reference_s']:.1f} s): {'equal' if r['equal'] else 'DIFFERENT'}; first token's top-5 "
+              f"log-probabilities differ by at most {r['top5_logprob_max_abs_diff']:.1e}")
+        print(json.dumps({"bench": "long_context_reference", **r}))
+        return 0 if r["equal"] else 1
     if args.worker:
         length, one_pass = args.worker.split(":")
         print(json.dumps(worker(int(length), args.chunk, args.geometry, one_pass == "1")))

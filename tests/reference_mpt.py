@@ -25,12 +25,13 @@ def gen_slopes(n_heads, alibi_bias_max):
     return slopes
 
 
-def build_alibi_bias(n_heads, seq_len, full, alibi_bias_max):
-    # llm-foundry: bias relative to the last key; `full` makes it symmetric.
+def build_alibi_bias(n_heads, seq_len, full, alibi_bias_max, rows=slice(None)):
+    # llm-foundry: bias relative to the last key; `full` makes it symmetric. `rows`: only those
+    # query rows (the same values, without the [S, S] matrix)
     alibi_bias = np.arange(1 - seq_len, 1, dtype=np.float64).reshape(1, 1, seq_len)
     if full:
-        alibi_bias = alibi_bias - np.arange(1 - seq_len, 1, dtype=np.float64).reshape(1, seq_len, 1)
-        alibi_bias = -np.abs(alibi_bias)
+        query = np.arange(1 - seq_len, 1, dtype=np.float64)[rows]
+        alibi_bias = -np.abs(alibi_bias - query.reshape(1, -1, 1))
     return alibi_bias * gen_slopes(n_heads, alibi_bias_max).reshape(n_heads, 1, 1)
 
 
@@ -56,8 +57,10 @@ def gelu(x, approximate="none"):
 ACTS = {"gelu": gelu, "silu": lambda x: x / (1 + np.exp(-x)), "relu": lambda x: np.maximum(x, 0)}
 
 
-def forward(cfg: dict, sd: dict, input_ids, attention_mask=None, prefix_mask=None, sequence_id=None):
-    """Logits [B, S, V] in float64."""
+def forward(cfg: dict, sd: dict, input_ids, attention_mask=None, prefix_mask=None, sequence_id=None,
+            query_block: int | None = None):
+    """Logits [B, S, V] in float64. `query_block` computes attention for that many query rows at a
+    time (the same numbers in [B, H, query_block, S] memory: long inputs)."""
     sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
     a = {"attn_type": "multihead_attention", "alibi": True, "alibi_bias_max": 8, "clip_qkv": None,
          "softmax_scale": None, "qk_ln": False, "prefix_lm": False, "attn_uses_sequence_id": False,
@@ -89,24 +92,29 @@ def forward(cfg: dict, sd: dict, input_ids, attention_mask=None, prefix_mask=Non
         pos = np.clip(pos - np.cumsum(~mask, axis=1), 0, None)  # llm-foundry's left-padding shift
         x = x + sd["transformer.wpe.weight"][pos]
 
-    # attention bias [B, H, S, S], llm-foundry's _attn_bias + masks
+    # attention bias of query rows `rows` [B, H, r, S]: llm-foundry's _attn_bias + masks
     causal = not a["prefix_lm"]
-    bias = np.zeros((1, nh, S, S))
-    if a["alibi"]:
-        bias = bias + build_alibi_bias(nh, S, full=not causal, alibi_bias_max=a["alibi_bias_max"])[None]
-    bias = np.broadcast_to(bias, (B, nh, S, S)).copy()
     neg = np.finfo(np.float64).min
-    if a["prefix_lm"]:
-        causal_m = np.tril(np.ones((S, S), bool))[None]
-        cannot = ~(causal_m | np.asarray(prefix_mask, bool)[:, None, :])
-        bias = np.where(cannot[:, None], neg, bias)
-    if a["attn_uses_sequence_id"] and sequence_id is not None:
-        sid = np.asarray(sequence_id)
-        cannot = sid[:, :, None] != sid[:, None, :]
-        bias = np.where(cannot[:, None], neg, bias)
-    bias = np.where(~mask[:, None, None, :], neg, bias)
-    if causal:
-        bias = np.where(~np.tril(np.ones((S, S), bool))[None, None], neg, bias)
+    keys = np.arange(S)
+
+    def attention_bias(rows: slice):
+        queries = keys[rows]
+        bias = np.zeros((B, nh, len(queries), S))
+        if a["alibi"]:
+            bias = bias + build_alibi_bias(nh, S, full=not causal, alibi_bias_max=a["alibi_bias_max"], rows=rows)[None]
+        if a["prefix_lm"]:
+            cannot = ~((keys[None, :] <= queries[:, None])[None] | np.asarray(prefix_mask, bool)[:, None, :])
+            bias = np.where(cannot[:, None], neg, bias)
+        if a["attn_uses_sequence_id"] and sequence_id is not None:
+            sid = np.asarray(sequence_id)
+            cannot = sid[:, rows, None] != sid[:, None, :]
+            bias = np.where(cannot[:, None], neg, bias)
+        bias = np.where(~mask[:, None, None, :], neg, bias)
+        if causal:
+            bias = np.where((keys[None, :] > queries[:, None])[None, None], neg, bias)
+        return bias
+
+    blocks = [slice(r, min(r + (query_block or S), S)) for r in range(0, S, query_block or S)]
 
     for i in range(cfg["n_layers"]):
         p = f"transformer.blocks.{i}"
@@ -121,10 +129,12 @@ def forward(cfg: dict, sd: dict, input_ids, attention_mask=None, prefix_mask=Non
         k = np.repeat(k.reshape(B, S, kvh, hd), nh // kvh, axis=2).transpose(0, 2, 1, 3)
         v = np.repeat(v.reshape(B, S, kvh, hd), nh // kvh, axis=2).transpose(0, 2, 1, 3)
         scale = a["softmax_scale"] or 1 / math.sqrt(hd)
-        w = q @ k.transpose(0, 1, 3, 2) * scale + bias
-        w = np.exp(w - w.max(-1, keepdims=True))
-        w = w / w.sum(-1, keepdims=True)
-        o = (w @ v).transpose(0, 2, 1, 3).reshape(B, S, d)
+        o = np.empty((B, nh, S, hd))
+        for rows in blocks:
+            w = q[:, :, rows] @ k.transpose(0, 1, 3, 2) * scale + attention_bias(rows)
+            w = np.exp(w - w.max(-1, keepdims=True))
+            o[:, :, rows] = (w / w.sum(-1, keepdims=True)) @ v
+        o = o.transpose(0, 2, 1, 3).reshape(B, S, d)
         x = x + linear(p + ".attn.out_proj", o)
         h = norm(p + ".norm_2", x)
         if f.get("ffn_type", "mptmlp") == "mptglu":

@@ -115,3 +115,22 @@ def test_transformers_ignores_alibi_bias_max(tmp_path, tokens):
     hf = hf_logits(path, ids, mask)
     keep = mask.astype(bool)
     assert np.abs(hf[keep] - ref[keep]).max() > 1e-3
+
+
+def test_reference_by_query_blocks_equals_the_whole_matrix():
+    """The numpy reference's long-input mode (attention a block of query rows at a time, used by
+    bench_long_context --reference) gives the same logits, under padding, prefix-LM and sequence ids."""
+    rng = np.random.default_rng(3)
+    for attn in ({}, {"prefix_lm": True}, {"attn_uses_sequence_id": True}):
+        cfg = full_config(attn_config=attn)
+        sd = random_state_dict(cfg, seed=5)
+        ids = rng.integers(0, cfg["vocab_size"], (2, 23))
+        mask = np.ones_like(ids)
+        mask[1, :4] = 0
+        kw = {"attention_mask": mask}
+        if attn.get("prefix_lm"):
+            kw["prefix_mask"] = (np.arange(23)[None] < 9).repeat(2, 0)
+        if attn.get("attn_uses_sequence_id"):
+            kw["sequence_id"] = np.repeat(np.arange(3), 8)[None, :23].repeat(2, 0)
+        whole = reference_mpt.forward(cfg, sd, ids, **kw)
+        np.testing.assert_allclose(reference_mpt.forward(cfg, sd, ids, query_block=5, **kw), whole, rtol=1e-12, atol=1e-12)
