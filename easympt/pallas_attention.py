@@ -25,7 +25,7 @@ from easympt.attention import NEG, AttentionMask, flash_attention_vjp, pad_to_bl
 
 
 def _kernel(q_ref, kt_ref, v_ref, q_slots_ref, q_seg_ref, k_slots_ref, k_valid_ref, k_prefix_ref, k_seg_ref,
-            slopes_ref, o_ref, lse_ref, *, scale, tk, n_kb, ordered):
+            slopes_ref, o_ref, lse_ref, *, scale, tk, n_kb, causal, has_prefix, has_segments):
     _, G, tq, D = q_ref.shape
     q = q_ref[0].reshape(G * tq, D).astype(jnp.float32)
     q_slots = q_slots_ref[0]  # [tq]
@@ -37,15 +37,14 @@ def _kernel(q_ref, kt_ref, v_ref, q_slots_ref, q_seg_ref, k_slots_ref, k_valid_r
         keys = pl.ds(j * tk, tk)
         kt = kt_ref[0, :, keys].astype(jnp.float32)  # [D, tk]
         v = v_ref[0, keys, :].astype(jnp.float32)  # [tk, D]
-        k_slots = k_slots_ref[0, keys]
+        # this block's mask, by AttentionMask's own rules (a batch of one row)
+        block = AttentionMask(q_slots[None], k_slots_ref[0, keys], k_valid_ref[0, keys][None] != 0,
+                              (k_prefix_ref[0, keys][None] != 0) if has_prefix else None,
+                              q_seg[None] if has_segments else None,
+                              k_seg_ref[0, keys][None] if has_segments else None, causal)
         s = jnp.dot(q, kt).reshape(G, tq, tk) * scale
-        distance = jnp.abs(q_slots[:, None] - k_slots[None, :]).astype(jnp.float32)
-        s = s - slopes[:, None, None] * distance[None]
-        allowed = k_valid_ref[0, keys][None, :] != 0
-        if ordered:
-            allowed = allowed & ((k_slots[None, :] <= q_slots[:, None]) | (k_prefix_ref[0, keys][None, :] != 0))
-        allowed = allowed & (q_seg[:, None] == k_seg_ref[0, keys][None, :])
-        s = jnp.where(allowed[None], s, NEG)
+        s = s - slopes[:, None, None] * block.distance()
+        s = jnp.where(block.allowed()[0], s, NEG)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
@@ -54,10 +53,8 @@ def _kernel(q_ref, kt_ref, v_ref, q_slots_ref, q_seg_ref, k_slots_ref, k_valid_r
         return m_new, l, acc
 
     init = (jnp.full((G, tq), NEG, jnp.float32), jnp.zeros((G, tq), jnp.float32), jnp.zeros((G, tq, D), jnp.float32))
-    if ordered:  # key blocks past this query block's last slot hold nothing it may see (without a prefix)
-        last = jnp.max(q_slots)
-        first = k_slots_ref[0, 0]
-        n_visit = jnp.where(jnp.any(k_prefix_ref[0] != 0), n_kb, jnp.clip((last - first) // tk + 1, 1, n_kb))
+    if causal and not has_prefix:  # key blocks past this query block's last slot hold nothing it may see
+        n_visit = jnp.clip((jnp.max(q_slots) - k_slots_ref[0, 0]) // tk + 1, 1, n_kb)
     else:
         n_visit = n_kb
     m, l, acc = jax.lax.fori_loop(0, n_visit, step, init)
@@ -78,9 +75,8 @@ def _forward(q, kt, v, mask: AttentionMask, slopes, scale, tq, tk, interpret):
     q_row = lambda n, i: (n // K, i)  # noqa: E731  (per batch row, this query block)
     block = lambda n, i: (n, 0, i, 0)  # noqa: E731
     out, lse = pl.pallas_call(
-        # the order of slots matters with a causal mask, and with a prefix (AttentionMask.allowed)
-        functools.partial(_kernel, scale=scale, tk=tk, n_kb=Sp // tk,
-                          ordered=mask.causal or mask.key_prefix is not None),
+        functools.partial(_kernel, scale=scale, tk=tk, n_kb=Sp // tk, causal=mask.causal,
+                          has_prefix=mask.key_prefix is not None, has_segments=mask.q_segment is not None),
         out_shape=(jax.ShapeDtypeStruct((N, G, Tp, D), jnp.float32), jax.ShapeDtypeStruct((N, G, Tp), jnp.float32)),
         grid=(N, Tp // tq),
         in_specs=[
