@@ -54,9 +54,7 @@ class MptTransformer(MptModule):
         if c.uses_learned_pos_emb:
             self.wpe = nn.Embed(c.max_seq_len, c.d_model, embedding_init=emb_init, dtype=self.dtype,
                                 param_dtype=self.param_dtype)
-        # argument 5 (self is 0) is `deterministic`, a Python bool
-        block = nn.remat(MptBlock, static_argnums=(5,)) if self.remat else MptBlock
-        self.blocks = [block(c, self.dtype, self.param_dtype, self.precision, self.mesh, self.attention)
+        self.blocks = [MptBlock(c, self.dtype, self.param_dtype, self.precision, self.mesh, self.attention)
                        for _ in range(c.n_layers)]
         self.norm_f = make_norm(c, None, self.dtype, self.param_dtype)
         self.emb_drop = nn.Dropout(c.emb_pdrop)
@@ -107,6 +105,9 @@ class MptTransformer(MptModule):
         keys, values = [], []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            if self.remat and cache is None:
+                x = recompute_in_backward(block, x, attn_mask, index, deterministic)
+                continue
             x, layer_cache = block(x, attn_mask, layer_cache, index, deterministic)
             if layer_cache is not None:
                 keys.append(layer_cache[0])
@@ -119,6 +120,32 @@ class MptTransformer(MptModule):
 
     def attend_embedding(self, x):
         return flat_tokens(self.wte.attend, x)
+
+
+def recompute_in_backward(block: MptBlock, x, attn_mask, index, deterministic):
+    """`block(x)` whose activations are recomputed in the backward pass (remat), and only once the
+    gradient of its output exists.
+
+    `nn.remat` alone orders nothing: its optimization barrier covers the recomputation's inputs,
+    not the incoming gradient, and XLA:CPU drops barriers before scheduling. It scheduled every
+    block's recomputation early, so a 32-layer step at 8k tokens held all layers' activations at
+    once (168 GB of temporaries, more than without remat). Here the saved input is made to depend
+    on the gradient (`+ 0 * g[0]`, which XLA does not fold for floats), so a block is recomputed
+    only when its backward runs and one block's activations are alive at a time (23 GB)."""
+
+    def run(mdl, x):
+        return mdl(x, attn_mask, None, index, deterministic)[0]
+
+    def forward(mdl, x):
+        return nn.vjp(nn.remat(run), mdl, x)
+
+    def backward(vjp_fn, g):
+        saved, treedef = jax.tree_util.tree_flatten(vjp_fn)
+        tie = (g.reshape(-1)[0] * 0).astype(x.dtype)
+        saved = [s + tie if s.shape == x.shape and s.dtype == x.dtype else s for s in saved]
+        return jax.tree_util.tree_unflatten(treedef, saved)(g)
+
+    return nn.custom_vjp(run, forward_fn=forward, backward_fn=backward)(block, x)
 
 
 class MptTaskModule(MptModule):

@@ -148,5 +148,7 @@ def test_remat_gives_the_same_loss_and_gradients(tokenizer, tmp_path):
     assert abs(float(la) - float(lb)) < 1e-6
     for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: remat.loss(p, batch, key, True)))(model.params))
-    assert "remat" in jaxpr or "checkpoint" in jaxpr
+    # the backward pass recomputes each block's forward: more matrix products than without remat
+    dots = [str(jax.make_jaxpr(jax.grad(lambda p: m.loss(p, batch, key, True)))(model.params)).count("dot_general")
+            for m in (model, remat)]
+    assert dots[1] > dots[0], dots
