@@ -202,7 +202,7 @@ def test_metrics(client):
 
 
 def test_shutdown_frees_the_port(lm_checkpoint):
-    srv = JAXServer.from_pretrained(lm_checkpoint, config={**CONFIG, "pre_compile": False}, progress=False)
+    srv = JAXServer.from_pretrained(lm_checkpoint, config={**CONFIG}, progress=False)
     srv.fire()
     port = srv.config.port
     assert httpx.get(f"{srv.url}/health").status_code == 200
@@ -309,7 +309,9 @@ def test_after_precompile_requests_compile_nothing(lm_checkpoint):
 
     from easympt.serve import MPTJaxServer
 
-    srv = MPTJaxServer.from_pretrained(lm_checkpoint, config=CONFIG, progress=False)
+    # a short max_length: fewer windows and buckets to precompile, the same code paths
+    srv = MPTJaxServer.from_pretrained(lm_checkpoint, config={**CONFIG, "max_length": 64, "max_new_tokens": 48},
+                                       progress=False)
     srv.fire()
     compiled = []
     listener = lambda event, duration, **kw: compiled.append(event) if event.endswith("backend_compile_duration") else None  # noqa: E731
