@@ -17,7 +17,8 @@ from easympt.cache import KVCache, write_rows
 from easympt.config import MptConfig
 from easympt.dtypes import default_compute_dtype, resolve_dtype
 from easympt.attention import ATTENTION_KERNELS, AttentionMask
-from easympt.layers import FlatDense, MptAttention, MptFFN, MptModule, flat_tokens, initializers, make_norm
+from easympt.layers import (FlatDense, MptAttention, MptFFN, MptModule, flat_tokens, initializers, make_norm,
+                            ordered_after)
 from easympt.sharding import constrain
 
 
@@ -130,7 +131,7 @@ def recompute_in_backward(block: MptBlock, x, attn_mask, index, deterministic):
     not the incoming gradient, and XLA:CPU drops barriers before scheduling. It scheduled every
     block's recomputation early, so a 32-layer step at 8k tokens held all layers' activations at
     once (168 GB of temporaries, more than without remat). Here the saved input is made to depend
-    on the gradient (`+ 0 * g[0]`, which XLA does not fold for floats), so a block is recomputed
+    on the gradient (`ordered_after`), so a block is recomputed
     only when its backward runs and one block's activations are alive at a time (23 GB)."""
 
     def run(mdl, x):
@@ -141,8 +142,7 @@ def recompute_in_backward(block: MptBlock, x, attn_mask, index, deterministic):
 
     def backward(vjp_fn, g):
         saved, treedef = jax.tree_util.tree_flatten(vjp_fn)
-        tie = (g.reshape(-1)[0] * 0).astype(x.dtype)
-        saved = [s + tie if s.shape == x.shape and s.dtype == x.dtype else s for s in saved]
+        saved = [ordered_after(s, g) if s.shape == x.shape and s.dtype == x.dtype else s for s in saved]
         return jax.tree_util.tree_unflatten(treedef, saved)(g)
 
     return nn.custom_vjp(run, forward_fn=forward, backward_fn=backward)(block, x)

@@ -318,10 +318,12 @@ class GenerationEngine:
     def decode_windows(self, cache_len: int) -> tuple[int | None, ...]:
         """The windows a decode dispatch can attend over in a cache of cache_len slots, smallest
         first, None (the whole cache) last: prompt buckets (few compiled shapes), then powers of two
-        of the chunk; the decode shapes a server precompiles."""
-        windows = {b for b in self.buckets if b < cache_len}
+        of the chunk; the decode shapes a server precompiles. A window is a copy of the cache's
+        first slots, and the copy costs about what reading the rest would save at a quarter of
+        the cache (measured on CPU), so only windows up to a quarter are offered."""
+        windows = {b for b in self.buckets if 4 * b <= cache_len}
         w = self.prefill_chunk
-        while w < cache_len:
+        while 4 * w <= cache_len:
             windows.add(w)
             w *= 2
         return (*sorted(windows), None)
