@@ -81,6 +81,9 @@ def _take(x, window, axis):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
+LONG_DECODE_SLOTS = 16384  # from here a decode step's values are read by a multiply-and-sum on CPU
+
+
 def _merged(x):
     """[B, K, ...] -> [B*K, ...]: the cache's merged batch-and-heads dimension."""
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
@@ -106,7 +109,14 @@ def dense_attention(q, kt, v, mask: AttentionMask, slopes, scale, precision=None
     probs = jax.nn.softmax(s, axis=-1).astype(dtype)
     if dropout is not None:
         probs = dropout(probs)
-    out = jnp.einsum("ngts,nsd->ngtd", _merged(probs), v.astype(dtype), precision=precision)
+    T, S = probs.shape[-2:]
+    if probs.shape[2] * T == 1 and S >= LONG_DECODE_SLOTS and jax.default_backend() == "cpu":
+        # one query over a long cache: XLA:CPU's batched [1, S] x [S, D] product reads the values at
+        # half the bandwidth of a fused multiply-and-sum (65,536 slots: 14 vs 27 GB/s; measured)
+        p = _merged(probs).reshape(-1, S, 1)  # [N, S, 1]: one query per row-and-head (G is 1)
+        out = jnp.sum(p * v.astype(dtype), axis=1).reshape(B * K, 1, 1, -1)
+    else:
+        out = jnp.einsum("ngts,nsd->ngtd", _merged(probs), v.astype(dtype), precision=precision)
     return jnp.moveaxis(out.reshape(B, K, *out.shape[1:]), 3, 1)
 
 

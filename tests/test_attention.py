@@ -156,3 +156,19 @@ def test_training_gradients_equal_with_either_kernel(tmp_path):
     for other in grads[1:]:
         for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(other)):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-3)
+
+
+def test_decode_over_a_long_cache_equals_the_blockwise_kernel():
+    """One query (G = 1) over LONG_DECODE_SLOTS slots: the dense kernel's multiply-and-sum path for
+    the values (CPU) gives what the blockwise kernel gives."""
+    from easympt.attention import LONG_DECODE_SLOTS
+
+    S = LONG_DECODE_SLOTS
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((B, K, 1, 1, D)), jnp.float32)
+    kt = jnp.asarray(rng.standard_normal((B * K, D, S)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B * K, S, D)), jnp.float32)
+    mask = _mask("causal", 1, S)
+    slopes = jnp.asarray(alibi_slopes(K)).reshape(K, 1)
+    np.testing.assert_allclose(np.asarray(dense_attention(q, kt, v, mask, slopes, 0.3)),
+                               np.asarray(blockwise_attention(q, kt, v, mask, slopes, 0.3)), atol=2e-5)
