@@ -202,7 +202,7 @@ def test_metrics(client):
 
 
 def test_shutdown_frees_the_port(lm_checkpoint):
-    srv = JAXServer.from_pretrained(lm_checkpoint, config={**CONFIG}, progress=False)
+    srv = JAXServer.from_pretrained(lm_checkpoint, config={**CONFIG, "pre_compile": False}, progress=False)
     srv.fire()
     port = srv.config.port
     assert httpx.get(f"{srv.url}/health").status_code == 200
