@@ -1,7 +1,7 @@
 """Where a decode step's time goes: the weight matmuls alone (the roofline's
 share) against the whole cached step, by batch and cache length.
 
-    python benchmarks/profile_decode.py [--geometry mpt-125m]
+    python benchmarks/profile_decode.py [--geometry mpt-125m] [--windows]
 
 Prints a table and one JSON line. For a timeline, wrap a step in
 jax.profiler.trace(...) and open it in Perfetto; this script gives the
@@ -30,9 +30,53 @@ def ms(f, *args, reps=20):
     return (time.perf_counter() - t0) / reps * 1e3
 
 
+def step_ms(model, params, B: int, S: int, held: int = 0, window: int | None = None, n: int = 16) -> float:
+    """ms per decode step: n steps chained in one dispatch, every row holding `held` of S cache slots,
+    attending over the first `window` slots (None: all of them), as the engine does."""
+
+    def steps(params, tok, cache):
+        # params is an argument, not a closure: closed-over arrays become HLO constants
+        def body(i, carry):
+            tok, cache = carry
+            logits, cache = model.module.apply({"params": params}, tok, None, cache, cache_window=window)
+            return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
+        return jax.lax.fori_loop(0, n, body, (tok, cache))
+
+    def holding(cache):
+        return cache.replace(index=jnp.full_like(cache.index, held),
+                             key_valid=jnp.broadcast_to(jnp.arange(S) < held, (B, S)))
+
+    loop = jax.jit(steps, donate_argnums=(2,))
+    tok = jnp.zeros((B, 1), jnp.int32)
+    tok, cache = loop(params, tok, holding(model.init_cache(B, S)))
+    cache = holding(cache)
+    jax.block_until_ready((tok, cache))  # dispatch is async: the warm-up must finish first
+    t0 = time.perf_counter()
+    tok, cache = loop(params, tok, cache)
+    jax.block_until_ready(tok)
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+# (cache slots, tokens the row holds, windows): what a server with a long max_length reads per step
+WINDOW_CASES = ((8192, 32, (None, 128)), (8192, 1000, (None, 2048, 1024)), (65536, 1000, (None, 16384, 4096)))
+
+
+def window_table(model, params) -> list[dict]:
+    rows = []
+    for S, held, windows in WINDOW_CASES:
+        for w in windows:
+            rows.append({"cache_len": S, "held": held, "window": w, "step_ms": step_ms(model, params, 1, S, held, w, 8)})
+    print(f"{'cache':>7s}{'held':>6s}{'window':>8s}{'step ms':>10s}")
+    for r in rows:
+        print(f"{r['cache_len']:7d}{r['held']:6d}{str(r['window'] or 'all'):>8s}{r['step_ms']:10.1f}")
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--geometry", default="mpt-125m")
+    ap.add_argument("--windows", action="store_true",
+                    help="also time batch-1 steps over cache windows in 8k and 65k-slot caches (5 GB)")
     args = ap.parse_args()
     c = MptConfig.preset(args.geometry)
     model = FlaxMptForCausalLM(c, dtype=jnp.float32, seed=0)
@@ -48,33 +92,15 @@ def main() -> int:
                      + ms(mm, jnp.ones((B, c.ffn_hidden_size)), block["ffn"]["down_proj"]["kernel"]))
         lm = ms(head, jnp.ones((B, c.d_model)), params["transformer"]["wte"]["embedding"])
         for S in (64, 256, 1024):
-            n = 16
-
-            def steps(params, tok, cache):
-                # params is an argument, not a closure: closed-over arrays become HLO constants
-                def body(i, carry):
-                    tok, cache = carry
-                    logits, cache = model.module.apply({"params": params}, tok, None, cache)
-                    return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
-                return jax.lax.fori_loop(0, n, body, (tok, cache))
-
-            loop = jax.jit(steps, donate_argnums=(2,))
-            tok = jnp.zeros((B, 1), jnp.int32)
-            cache = model.init_cache(B, S)
-            tok, cache = loop(params, tok, cache)
-            cache = cache.replace(index=jnp.zeros_like(cache.index))
-            jax.block_until_ready((tok, cache))  # dispatch is async: the warm-up must finish first
-            t0 = time.perf_counter()
-            tok, cache = loop(params, tok, cache)
-            jax.block_until_ready(tok)
-            step = (time.perf_counter() - t0) / n * 1e3
-            rows.append({"batch": B, "cache_len": S, "step_ms": step, "matmuls_ms": per_layer * c.n_layers + lm,
-                         "lm_head_ms": lm})
+            rows.append({"batch": B, "cache_len": S, "step_ms": step_ms(model, params, B, S),
+                         "matmuls_ms": per_layer * c.n_layers + lm, "lm_head_ms": lm})
     print(f"{'batch':>5s}{'cache':>7s}{'step ms':>10s}{'matmuls ms':>12s}{'lm head ms':>12s}{'other ms':>10s}")
     for r in rows:
         print(f"{r['batch']:5d}{r['cache_len']:7d}{r['step_ms']:10.1f}{r['matmuls_ms']:12.1f}"
               f"{r['lm_head_ms']:12.1f}{r['step_ms'] - r['matmuls_ms']:10.1f}")
-    print(json.dumps({"geometry": args.geometry, "backend": jax.default_backend(), "rows": rows}))
+    windows = window_table(model, params) if args.windows else None
+    print(json.dumps({"geometry": args.geometry, "backend": jax.default_backend(), "rows": rows,
+                      "windows": windows}))
     return 0
 
 

@@ -320,10 +320,11 @@ class GenerationEngine:
         first, None (the whole cache) last: prompt buckets (few compiled shapes), then powers of two
         of the chunk; the decode shapes a server precompiles. A window is a copy of the cache's
         first slots, and the copy costs about what reading the rest would save at a quarter of
-        the cache (measured on CPU), so only windows up to a quarter are offered."""
-        windows = {b for b in self.buckets if 4 * b <= cache_len}
+        the cache (measured on CPU, `benchmarks/profile_decode.py --windows`), so windows go up to
+        an eighth."""
+        windows = {b for b in self.buckets if 8 * b <= cache_len}
         w = self.prefill_chunk
-        while 4 * w <= cache_len:
+        while 8 * w <= cache_len:
             windows.add(w)
             w *= 2
         return (*sorted(windows), None)
