@@ -28,9 +28,10 @@ NEG = float(jnp.finfo(jnp.float32).min)  # the score of a masked slot (as transf
 # prefill / training from T * S = 1024 * 1024 (at 512 * 512 dense is faster, at 1024 * 1024 blockwise
 # 2.5x faster). Decode (a few queries) stays dense: its scores are only [B, H, T, S], and inside the
 # model the dense step measured faster at every context tried (2k: 22.0 vs 16.1 tok/s; 16k: the
-# blockwise loop over 32 key blocks ran at 2.4 tok/s), though it reads the whole cache bucket.
+# blockwise loop over 32 key blocks ran at 2.4 tok/s), though it reads every slot of its window.
 BLOCKWISE_MIN_SCORES = 1 << 20
 DECODE_QUERIES = 16
+LONG_DECODE_SLOTS = 16384  # from here a decode step's values are read by a multiply-and-sum on CPU
 ATTENTION_KERNELS = ("auto", "dense", "blockwise", "pallas")
 Q_BLOCK, K_BLOCK = 512, 512
 
@@ -79,9 +80,6 @@ def _take(x, window, axis):
     if start is None:
         return x
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
-
-
-LONG_DECODE_SLOTS = 16384  # from here a decode step's values are read by a multiply-and-sum on CPU
 
 
 def _merged(x):

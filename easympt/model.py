@@ -105,10 +105,10 @@ class MptTransformer(MptModule):
 
         keys, values = [], []
         for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
             if self.remat and cache is None:
                 x = recompute_in_backward(block, x, attn_mask, index, deterministic)
                 continue
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
             x, layer_cache = block(x, attn_mask, layer_cache, index, deterministic)
             if layer_cache is not None:
                 keys.append(layer_cache[0])
@@ -131,8 +131,8 @@ def recompute_in_backward(block: MptBlock, x, attn_mask, index, deterministic):
     not the incoming gradient, and XLA:CPU drops barriers before scheduling. It scheduled every
     block's recomputation early, so a 32-layer step at 8k tokens held all layers' activations at
     once (168 GB of temporaries, more than without remat). Here the saved input is made to depend
-    on the gradient (`ordered_after`), so a block is recomputed
-    only when its backward runs and one block's activations are alive at a time (23 GB)."""
+    on the gradient (`ordered_after`), so a block is recomputed only when its backward runs and one
+    block's activations are alive at a time (23 GB)."""
 
     def run(mdl, x):
         return mdl(x, attn_mask, None, index, deterministic)[0]
