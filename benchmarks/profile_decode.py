@@ -1,5 +1,6 @@
 """Where a decode step's time goes: the weight matmuls alone (the roofline's
-share) against the whole cached step, by batch and cache length.
+share) against the whole cached step, by batch and cache length; with
+easympt's CPU kernel built, the step on packed weights too (what the engine runs).
 
     python benchmarks/profile_decode.py [--geometry mpt-125m] [--windows]
 
@@ -15,10 +16,12 @@ import json
 import sys
 import time
 
+import types
+
 import jax
 import jax.numpy as jnp
 
-from easympt import FlaxMptForCausalLM, MptConfig
+from easympt import FlaxMptForCausalLM, MptConfig, cpu_kernels
 
 
 def ms(f, *args, reps=20):
@@ -62,6 +65,7 @@ WINDOW_CASES = ((8192, 32, (None, 128)), (8192, 1000, (None, 2048, 1024)), (6553
 
 
 def window_table(model, params) -> list[dict]:
+    """Batch-1 steps over windows of large caches (plain weights: the attention is what differs)."""
     rows = []
     for S, held, windows in WINDOW_CASES:
         for w in windows:
@@ -81,6 +85,10 @@ def main() -> int:
     c = MptConfig.preset(args.geometry)
     model = FlaxMptForCausalLM(c, dtype=jnp.float32, seed=0)
     params = model.params
+    packed = None
+    if cpu_kernels.available():  # the engine's model: packed module, packed weights
+        packed = (types.SimpleNamespace(module=model.module.clone(packed=True), init_cache=model.init_cache),
+                  cpu_kernels.pack_params(params))
     mm = jax.jit(lambda h, w: h @ w)
     head = jax.jit(lambda h, w: h @ w.T)  # tied head: the embedding read transposed
     rows = []
@@ -93,11 +101,14 @@ def main() -> int:
         lm = ms(head, jnp.ones((B, c.d_model)), params["transformer"]["wte"]["embedding"])
         for S in (64, 256, 1024):
             rows.append({"batch": B, "cache_len": S, "step_ms": step_ms(model, params, B, S),
-                         "matmuls_ms": per_layer * c.n_layers + lm, "lm_head_ms": lm})
-    print(f"{'batch':>5s}{'cache':>7s}{'step ms':>10s}{'matmuls ms':>12s}{'lm head ms':>12s}{'other ms':>10s}")
+                         "matmuls_ms": per_layer * c.n_layers + lm, "lm_head_ms": lm,
+                         "packed_step_ms": step_ms(*packed, B, S) if packed else None})
+    print(f"{'batch':>5s}{'cache':>7s}{'step ms':>10s}{'matmuls ms':>12s}{'lm head ms':>12s}{'other ms':>10s}"
+          f"{'packed step ms':>16s}")
     for r in rows:
         print(f"{r['batch']:5d}{r['cache_len']:7d}{r['step_ms']:10.1f}{r['matmuls_ms']:12.1f}"
-              f"{r['lm_head_ms']:12.1f}{r['step_ms'] - r['matmuls_ms']:10.1f}")
+              f"{r['lm_head_ms']:12.1f}{r['step_ms'] - r['matmuls_ms']:10.1f}"
+              f"{r['packed_step_ms'] or float('nan'):16.1f}")
     windows = window_table(model, params) if args.windows else None
     print(json.dumps({"geometry": args.geometry, "backend": jax.default_backend(), "rows": rows,
                       "windows": windows}))

@@ -36,7 +36,7 @@ class MptForSequenceClassificationModule(MptTaskModule):
 
     def setup(self):
         self.transformer = self.make_trunk()
-        self.score = self.dense(self.config.num_labels, use_bias=False)
+        self.score = self.head(self.config.num_labels, use_bias=False)
 
     def __call__(self, input_ids, attention_mask=None, deterministic=True):
         h, _ = self.transformer(input_ids, attention_mask, None, None, None, deterministic)
@@ -50,7 +50,7 @@ class MptForTokenClassificationModule(MptTaskModule):
     def setup(self):
         self.transformer = self.make_trunk()
         self.dropout = nn.Dropout(self.config.classifier_dropout)
-        self.classifier = self.dense(self.config.num_labels, use_bias=True)
+        self.classifier = self.head(self.config.num_labels, use_bias=True)
 
     def __call__(self, input_ids, attention_mask=None, deterministic=True):
         h, _ = self.transformer(input_ids, attention_mask, None, None, None, deterministic)
@@ -61,7 +61,7 @@ class MptForQuestionAnsweringModule(MptTaskModule):
 
     def setup(self):
         self.transformer = self.make_trunk()
-        self.qa_outputs = self.dense(2, use_bias=True)
+        self.qa_outputs = self.head(2, use_bias=True)
 
     def __call__(self, input_ids, attention_mask=None, deterministic=True):
         h, _ = self.transformer(input_ids, attention_mask, None, None, None, deterministic)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from easympt import cpu_kernels
 from easympt.attention import AttentionMask, attend
 from easympt.cache import write_layer
 from easympt.config import MptConfig
@@ -125,9 +126,47 @@ class FlatDense(nn.Dense):
         return flat_tokens(super().__call__, inputs)
 
 
+class PackedDense(nn.Module):
+    """FlatDense for inference with easympt's CPU kernel: the kernel is stored in 48-column panels
+    [ceil(N/48), K, 48] (easympt.cpu_kernels), float32."""
+
+    features: int
+    use_bias: bool = True
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, inputs):
+        K, N = inputs.shape[-1], self.features
+        kernel = self.param("kernel", lambda rng: cpu_kernels.pack(self.kernel_init(rng, (K, N), jnp.float32)))
+        y = flat_tokens(lambda x: cpu_kernels.packed_matmul(x.astype(jnp.float32), kernel, N), inputs)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros_init(), (N,), jnp.float32)
+        return y
+
+
+class PackedEmbed(nn.Module):
+    """nn.Embed whose table [V, E] is stored packed as the tied LM head reads it ([V, E]^T in panels):
+    the head is one kernel product and a lookup gathers E values per token from the panels."""
+
+    num_embeddings: int
+    features: int
+    embedding_init: nn.initializers.Initializer = nn.initializers.normal(1.0)
+
+    def setup(self):
+        V, E = self.num_embeddings, self.features
+        self.embedding = self.param("embedding", lambda rng: cpu_kernels.pack(self.embedding_init(rng, (V, E)).T))
+
+    def __call__(self, ids):
+        return cpu_kernels.packed_rows(self.embedding, ids)
+
+    def attend(self, query):
+        return cpu_kernels.packed_matmul(query.astype(jnp.float32), self.embedding, self.num_embeddings)
+
+
 class MptModule(nn.Module):
     """Fields every MPT module carries: the config, dtypes, matmul precision and
-    the mesh its activations are constrained to (None: no constraints)."""
+    the mesh its activations are constrained to (None: no constraints). `packed`: weights in the
+    CPU kernel's panels (easympt.cpu_kernels; float32 inference, set by the GenerationEngine)."""
 
     config: MptConfig
     dtype: jnp.dtype = jnp.float32
@@ -135,6 +174,14 @@ class MptModule(nn.Module):
     precision: jax.lax.Precision | None = None
     mesh: jax.sharding.Mesh | None = None
     attention: str = "auto"  # attention kernel: "auto" (by shape), "dense", "blockwise", "pallas" (easympt.attention)
+    packed: bool = False
+
+    def dense(self, features: int, kernel_init, use_bias: bool, name: str | None = None) -> nn.Module:
+        """The model's dense layer: FlatDense, or PackedDense with packed weights."""
+        if self.packed:
+            return PackedDense(features, use_bias=use_bias, kernel_init=kernel_init, name=name)
+        return FlatDense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                         precision=self.precision, kernel_init=kernel_init, name=name)
 
 
 # ------------------------------------------------------------------- attention
@@ -151,9 +198,7 @@ class MptAttention(MptModule):
         B, T, _ = x.shape
         H, K, D = c.n_heads, c.kv_heads, c.head_dim
         kernel_init, residual_init, _ = initializers(c)
-        dense = lambda n, name, init: FlatDense(  # noqa: E731
-            n, use_bias=not c.no_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-            precision=self.precision, kernel_init=init, name=name)
+        dense = lambda n, name, init: self.dense(n, init, not c.no_bias, name)  # noqa: E731
 
         qkv = dense((H + 2 * K) * D, "Wqkv", kernel_init)(x)
         if c.attn_config.clip_qkv is not None:
@@ -219,9 +264,7 @@ class MptFFN(MptModule):
     def __call__(self, x):
         c = self.config
         kernel_init, residual_init, _ = initializers(c)
-        dense = lambda n, name, init: FlatDense(  # noqa: E731
-            n, use_bias=c.ffn_uses_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-            precision=self.precision, kernel_init=init, name=name)
+        dense = lambda n, name, init: self.dense(n, init, c.ffn_uses_bias, name)  # noqa: E731
         act = activation(c)
         h = dense(c.ffn_hidden_size, "up_proj", kernel_init)(x)
         if c.ffn_config.ffn_type == "mptglu":

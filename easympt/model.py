@@ -17,7 +17,7 @@ from easympt.cache import KVCache, write_rows
 from easympt.config import MptConfig
 from easympt.dtypes import default_compute_dtype, resolve_dtype
 from easympt.attention import ATTENTION_KERNELS, AttentionMask
-from easympt.layers import (FlatDense, MptAttention, MptFFN, MptModule, flat_tokens, initializers, make_norm,
+from easympt.layers import (MptAttention, MptFFN, MptModule, PackedEmbed, flat_tokens, initializers, make_norm,
                             ordered_after)
 from easympt.sharding import constrain
 
@@ -28,7 +28,7 @@ class MptBlock(MptModule):
     def __call__(self, x, mask: AttentionMask, layer_cache=None, write_index=None, deterministic=True):
         c = self.config
         sub = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                   mesh=self.mesh, attention=self.attention)
+                   mesh=self.mesh, attention=self.attention, packed=self.packed)
         h, layer_cache = MptAttention(**sub, name="attn")(
             make_norm(c, "norm_1", self.dtype, self.param_dtype)(x), mask, layer_cache, write_index,
             deterministic)
@@ -50,13 +50,16 @@ class MptTransformer(MptModule):
     def setup(self):
         c = self.config
         _, _, emb_init = initializers(c)
-        self.wte = nn.Embed(c.vocab_size, c.d_model, embedding_init=emb_init, dtype=self.dtype,
-                            param_dtype=self.param_dtype)
+        if self.packed:
+            self.wte = PackedEmbed(c.vocab_size, c.d_model, embedding_init=emb_init)
+        else:
+            self.wte = nn.Embed(c.vocab_size, c.d_model, embedding_init=emb_init, dtype=self.dtype,
+                                param_dtype=self.param_dtype)
         if c.uses_learned_pos_emb:
             self.wpe = nn.Embed(c.max_seq_len, c.d_model, embedding_init=emb_init, dtype=self.dtype,
                                 param_dtype=self.param_dtype)
-        self.blocks = [MptBlock(c, self.dtype, self.param_dtype, self.precision, self.mesh, self.attention)
-                       for _ in range(c.n_layers)]
+        self.blocks = [MptBlock(c, self.dtype, self.param_dtype, self.precision, self.mesh, self.attention,
+                                self.packed) for _ in range(c.n_layers)]
         self.norm_f = make_norm(c, None, self.dtype, self.param_dtype)
         self.emb_drop = nn.Dropout(c.emb_pdrop)
 
@@ -155,12 +158,10 @@ class MptTaskModule(MptModule):
 
     def make_trunk(self) -> MptTransformer:
         return MptTransformer(self.config, self.dtype, self.param_dtype, self.precision, self.mesh, self.attention,
-                              remat=self.remat)
+                              self.packed, remat=self.remat)
 
-    def dense(self, features: int, use_bias: bool) -> nn.Dense:
-        kernel_init, _, _ = initializers(self.config)
-        return FlatDense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                        precision=self.precision, kernel_init=kernel_init)
+    def head(self, features: int, use_bias: bool) -> nn.Module:
+        return self.dense(features, initializers(self.config)[0], use_bias)
 
 
 class MptForCausalLMModule(MptTaskModule):
@@ -168,7 +169,7 @@ class MptForCausalLMModule(MptTaskModule):
     def setup(self):
         self.transformer = self.make_trunk()
         if not self.config.tie_word_embeddings:
-            self.lm_head = self.dense(self.config.vocab_size, use_bias=False)
+            self.lm_head = self.head(self.config.vocab_size, use_bias=False)
 
     def __call__(self, input_ids, attention_mask=None, cache=None, prefix_mask=None, sequence_id=None,
                  deterministic=True, logits_slice=None, cache_window: int | None = None):

@@ -74,9 +74,10 @@ class JAXServer:
         if (dtype is not None and dtype != model.dtype) or mesh is not None:
             model = FlaxMptForCausalLM(config_model, dtype=dtype or model.dtype, param_dtype=model.param_dtype,
                                        _do_init=False, mesh=mesh)
-        server.model, server.params, server.tokenizer = model, params, tokenizer
+        server.model, server.tokenizer = model, tokenizer
         server.engine = GenerationEngine(model, params, max_length=cfg.max_length,
                                          max_compile_tokens=cfg.max_compile_tokens, prefill_chunk=cfg.prefill_chunk)
+        server.params = server.engine.params  # on CPU a packed copy (easympt.cpu_kernels): hold only that one
         eos = {config_model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         eos = tuple(sorted(i for i in eos if i is not None))
         server.device_batch = DeviceBatch(server.engine, cfg.batch_size, eos)

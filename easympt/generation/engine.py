@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from easympt import cpu_kernels
 from easympt.cache import KVCache, cache_rows
 from easympt.generation.sampling import (MAX_LOGPROBS, NO_STOP, SamplingConfig, SamplingRows, TokenLogprobs, sample,
                                         token_logprobs)
@@ -78,6 +79,21 @@ def _shift_scores(lp: TokenLogprobs) -> TokenLogprobs:
     return jax.tree_util.tree_map(lambda x: jnp.concatenate([x[:, :1], x[:, :-1]], axis=1), lp)
 
 
+def _packed_if_wanted(model: FlaxMptForCausalLM, params, wanted: bool | None):
+    """(module, params) the engine runs: with the CPU kernel, a packed module and a packed copy."""
+    usable = (cpu_kernels.available() and model.mesh is None
+              and jnp.dtype(model.dtype) == jnp.float32 and jnp.dtype(model.param_dtype) == jnp.float32)
+    if wanted and not usable:
+        raise ValueError("cpu_kernels=True needs JAX on CPU, easympt's CPU kernel built for this CPU (x86-64 with "
+                         "AVX-512F), float32 weights and compute, and no mesh")
+    if not (usable if wanted is None else wanted):
+        return model.module, params
+    module = model.module.clone(packed=True)
+    packed = cpu_kernels.pack_params(params)
+    cpu_kernels.check_packed(packed, jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    return module, packed
+
+
 def _is_stop(token, stop_ids):
     return jnp.any(token[:, None] == stop_ids, axis=-1)
 
@@ -87,10 +103,15 @@ class GenerationEngine:
 
     `max_length` bounds prompt + generated tokens per row (ALiBi lets it
     exceed the config's `max_seq_len`; learned position embeddings do not).
+
+    `cpu_kernels`: run the weight products with easympt's CPU kernel on a packed copy of the
+    weights (easympt.cpu_kernels; ~2x faster decode at batch 8, ~1.2x at batch 1). None: wherever
+    it can (JAX on CPU, the kernel built for this CPU, float32, no mesh). The engine then holds the
+    packed copy; drop other references to `params` to keep one copy in memory.
     """
 
     def __init__(self, model: FlaxMptForCausalLM, params, max_length: int = 2048, max_compile_tokens: int = 64,
-                 stop_slots: int = 8, prefill_chunk: int = 2048):
+                 stop_slots: int = 8, prefill_chunk: int = 2048, cpu_kernels: bool | None = None):
         cfg = model.config
         if cfg.uses_learned_pos_emb and max_length > cfg.max_seq_len:
             raise ValueError(f"max_length {max_length} exceeds max_seq_len {cfg.max_seq_len} of a model with "
@@ -98,7 +119,7 @@ class GenerationEngine:
         if cfg.attn_config.prefix_lm:
             raise ValueError("generation with prefix_lm models is not implemented")
         self.model, self.config = model, cfg
-        self.params = unwrap_params(params)
+        self.module, self.params = _packed_if_wanted(model, unwrap_params(params), cpu_kernels)
         self.max_length = int(max_length)
         self.max_compile_tokens = int(max_compile_tokens)
         # prompts up to one chunk prefill in one pass (power-of-two buckets); longer ones chunk by chunk
@@ -121,8 +142,8 @@ class GenerationEngine:
 
     # ------------------------------------------------------------ device side
     def _forward(self, params, tokens, mask, cache, logits_slice=None, cache_window=None):
-        return self.model.module.apply({"params": params}, tokens, mask, cache, None, None, True, logits_slice,
-                                       cache_window)
+        return self.module.apply({"params": params}, tokens, mask, cache, None, None, True, logits_slice,
+                                 cache_window)
 
     def _extend(self, params, tokens, mask, cache: KVCache, seen, next_tokens, with_logprobs: bool):
         """One prompt chunk [n, C] into `cache`: (cache, seen, last position's logits [n, V], and with

@@ -1,0 +1,117 @@
+"""easympt's CPU kernel: the packed-panel product against numpy, the packed model against the plain
+one, and the engine that packs its weights on CPU."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from easympt import FlaxMptForCausalLM, MptConfig, cpu_kernels
+from easympt.generation import GenerationEngine, SamplingConfig
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="easympt's CPU kernel is not built for this CPU")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split()}
+    except OSError:
+        return set()
+
+
+def test_kernel_is_built_on_an_avx512_machine():
+    """The kernel tests below skip only where the kernel cannot exist, never because a build failed."""
+    if jax.default_backend() != "cpu" or "avx512f" not in _cpu_flags():
+        pytest.skip("not an x86-64 CPU with AVX-512F")
+    assert cpu_kernels.available(), "the optional extension easympt._cpu_kernels did not build (see pip's log)"
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 17])
+@pytest.mark.parametrize("k,n", [(768, 2304), (64, 100), (16, 48), (40, 1)])
+def test_packed_matmul_equals_numpy(m, k, n):
+    rng = np.random.default_rng(m * 1000 + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    got = np.asarray(jax.jit(cpu_kernels.packed_matmul, static_argnums=2)(x, cpu_kernels.pack(w), n))
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    assert got.shape == (m, n)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(k))
+
+
+def test_pack_round_trip_and_rows():
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((5, 100)), jnp.float32)
+    packed = cpu_kernels.pack(w)
+    assert packed.shape == (3, 5, 48)
+    np.testing.assert_array_equal(cpu_kernels.unpack(packed, 100), w)
+    np.testing.assert_array_equal(packed[2, :, 4:], 0)  # columns past N are zero
+    ids = jnp.asarray([[0, 47, 48], [99, 3, 50]])
+    np.testing.assert_array_equal(cpu_kernels.packed_rows(packed, ids), w.T[ids])
+
+
+def _config(**overrides) -> MptConfig:
+    base = dataclasses.replace(MptConfig.preset("mpt-125m"), d_model=64, n_heads=4, n_layers=2, vocab_size=101,
+                               max_seq_len=64)
+    return dataclasses.replace(base, **overrides)
+
+
+@needs_kernel
+@pytest.mark.parametrize("overrides", [{}, {"no_bias": False}, {"tie_word_embeddings": False}],
+                         ids=["tied", "biases", "untied-head"])
+def test_packed_model_equals_the_plain_one(overrides):
+    """Prefill and cached decode logits of the packed module on packed weights equal the plain ones."""
+    config = _config(**overrides)
+    model = FlaxMptForCausalLM(config, dtype=jnp.float32, seed=1)
+    params = jax.tree_util.tree_map(lambda x: x + 0.01 * jnp.ones_like(x), model.params)  # biases non-zero
+    packed_module = model.module.clone(packed=True)
+    packed = cpu_kernels.pack_params(params)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (3, 9)), jnp.int32)
+
+    def run(module, p):
+        cache = model.init_cache(3, 16)
+        prompt, cache = module.apply({"params": p}, ids[:, :8], None, cache)
+        step, _ = module.apply({"params": p}, ids[:, 8:], None, cache)
+        return np.asarray(prompt), np.asarray(step)
+
+    for plain, fast in zip(run(model.module, params), run(packed_module, packed)):
+        np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_params_checks_the_tree():
+    model = FlaxMptForCausalLM(_config(), dtype=jnp.float32, seed=0)
+    packed = cpu_kernels.pack_params(model.params)
+    assert packed["transformer"]["wte"]["embedding"].shape == (3, 64, 48)  # 101 rows of 64, as the head reads them
+    assert packed["transformer"]["blocks_0"]["attn"]["Wqkv"]["kernel"].shape == (4, 64, 48)
+    want = jax.eval_shape(model.module.clone(packed=True).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    cpu_kernels.check_packed(packed, want["params"])
+    with pytest.raises(ValueError, match="Wqkv"):
+        cpu_kernels.check_packed(model.params, want["params"])
+
+
+@needs_kernel
+def test_engine_packs_on_cpu_and_generates_the_same_tokens():
+    config = _config()
+    model = FlaxMptForCausalLM(config, dtype=jnp.float32, seed=2)
+    prompts = [[5, 6, 7, 8, 9], [1, 2], [40, 41, 42, 43, 44, 45, 46]]
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=24)
+
+    def tokens(engine):
+        prefix = engine.prefill_batch(prompts, [cfg] * 3, eos_ids=(), cache_len=64)
+        first = np.asarray(prefix.token)[:, None]  # before `start`, which takes the prefix over
+        state, out = engine.generate(engine.params, engine.start(prefix), n_steps=23)
+        return np.concatenate([first, np.asarray(out)], axis=1)
+
+    fast = GenerationEngine(model, model.params, max_length=64, max_compile_tokens=8)
+    plain = GenerationEngine(model, model.params, max_length=64, max_compile_tokens=8, cpu_kernels=False)
+    assert fast.module.packed and not plain.module.packed
+    np.testing.assert_array_equal(tokens(fast), tokens(plain))
+
+
+def test_engine_refuses_cpu_kernels_where_they_cannot_run():
+    model = FlaxMptForCausalLM(_config(), dtype=jnp.bfloat16, seed=0)
+    with pytest.raises(ValueError, match="float32"):
+        GenerationEngine(model, model.params, max_length=64, cpu_kernels=True)
+    assert not GenerationEngine(model, model.params, max_length=64).module.packed  # auto: plain, no error
