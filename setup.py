@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 from setuptools import Extension, setup
@@ -8,11 +9,10 @@ class BuildWithXlaHeaders(build_ext):
     """The CPU kernel includes XLA's FFI headers, which jaxlib ships (a build requirement)."""
 
     def build_extensions(self):
-        import jaxlib
-
-        include = os.path.join(os.path.dirname(jaxlib.__file__), "include")
-        for ext in self.extensions:
-            ext.include_dirs.append(include)
+        spec = importlib.util.find_spec("jaxlib")  # found, not imported: jaxlib's own imports are not needed
+        if spec is not None:
+            for ext in self.extensions:
+                ext.include_dirs.append(os.path.join(spec.submodule_search_locations[0], "include"))
         super().build_extensions()
 
 

@@ -54,7 +54,8 @@ def _prefilled(engine: GenerationEngine, prompts: np.ndarray, n_new: int):
     P = engine.pad_prompts(rows)[0].shape[1]
     prefix = engine.prefill_batch(rows, [cfg] * len(rows), eos_ids=(),
                                   cache_len=engine.decode_cache_len(P, n_new))
-    return prefix.token, engine.start(prefix)
+    first = prefix.token + 0  # a new array: `start` takes the prefix's buffers over
+    return first, engine.start(prefix)
 
 
 def _decode(engine: GenerationEngine, state, n_new: int):

@@ -100,6 +100,20 @@ def pack_params(params: dict) -> dict:
 _pack_jit = jax.jit(pack)
 
 
+def unpack_params(packed: dict, like: dict) -> dict:
+    """The inverse of `pack_params`; `like` gives the plain shapes (e.g. the plain module's eval_shape)."""
+
+    def leaf(path, x, want):
+        if x.shape == want.shape:
+            return x
+        names = tuple(getattr(k, "key", k) for k in path)
+        if names[-2:] == ("wte", "embedding"):
+            return unpack(x, want.shape[0]).T
+        return unpack(x, want.shape[1])
+
+    return jax.tree_util.tree_map_with_path(leaf, packed, like)
+
+
 def check_packed(params: dict, expected: dict) -> None:
     """Packed params against the packed module's own tree: same keys, same shapes."""
     got = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(params)}

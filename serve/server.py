@@ -9,6 +9,7 @@ import time
 
 import jax
 
+from easympt import cpu_kernels
 from easympt.distributed import is_leader
 from easympt.dtypes import resolve_dtype
 from easympt.generation.engine import GenerationEngine
@@ -42,7 +43,7 @@ class JAXServer:
     def __init__(self, config: JaxServerConfig | dict | None = None):
         self.config = config if isinstance(config, JaxServerConfig) else JaxServerConfig(**(config or {}))
         self.metrics = ServerMetrics()
-        self.model = self.params = self.tokenizer = self.engine = self.scheduler = self.device_batch = None
+        self.model = self.tokenizer = self.engine = self.scheduler = self.device_batch = None
         self._uvicorn = None
         self._thread: threading.Thread | None = None
         self._app = None
@@ -77,7 +78,7 @@ class JAXServer:
         server.model, server.tokenizer = model, tokenizer
         server.engine = GenerationEngine(model, params, max_length=cfg.max_length,
                                          max_compile_tokens=cfg.max_compile_tokens, prefill_chunk=cfg.prefill_chunk)
-        server.params = server.engine.params  # on CPU a packed copy (easympt.cpu_kernels): hold only that one
+        del params  # on CPU the engine holds a packed copy (easympt.cpu_kernels): keep only that one
         eos = {config_model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         eos = tuple(sorted(i for i in eos if i is not None))
         server.device_batch = DeviceBatch(server.engine, cfg.batch_size, eos)
@@ -157,7 +158,7 @@ class JAXServer:
                 stats = {}
             used = stats.get("bytes_in_use")
             log.warning("device %s: %s", d, f"{used / 2**30:.2f} GiB in use" if used else "no memory stats")
-        n = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.params))
+        n = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.engine.params))
         log.warning("parameters: %.1f MiB", n / 2**20)
 
     # ---------------------------------------------------------------- prompts
@@ -196,8 +197,18 @@ class JAXServer:
     def instruct_stop_strings(self) -> tuple[str, ...]:
         return ()
 
+    @property
+    def params(self):
+        """The model's parameters, as `self.model` takes them. On CPU the engine runs a packed copy
+        (easympt.cpu_kernels); this then builds a plain one on each access."""
+        if self.engine is None:
+            return None
+        if not self.engine.module.packed:
+            return self.engine.params
+        return cpu_kernels.unpack_params(self.engine.params, self.model.params_shape())
+
     def params_devices(self):
-        return sorted({d for x in jax.tree_util.tree_leaves(self.params) for d in x.devices()}, key=str)
+        return sorted({d for x in jax.tree_util.tree_leaves(self.engine.params) for d in x.devices()}, key=str)
 
     def encode_prompt(self, prompt: str | list[int], max_new_tokens: int, truncate: bool = False) -> list[int]:
         """Token ids of a text prompt, or a token-id prompt (OpenAI allows both) checked against the

@@ -89,6 +89,8 @@ def test_pack_params_checks_the_tree():
     cpu_kernels.check_packed(packed, want["params"])
     with pytest.raises(ValueError, match="Wqkv"):
         cpu_kernels.check_packed(model.params, want["params"])
+    back = cpu_kernels.unpack_params(packed, model.params_shape())
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, model.params)
 
 
 @needs_kernel

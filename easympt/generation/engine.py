@@ -86,7 +86,7 @@ def _packed_if_wanted(model: FlaxMptForCausalLM, params, wanted: bool | None):
     if wanted and not usable:
         raise ValueError("cpu_kernels=True needs JAX on CPU, easympt's CPU kernel built for this CPU (x86-64 with "
                          "AVX-512F), float32 weights and compute, and no mesh")
-    if not (usable if wanted is None else wanted):
+    if not (usable if wanted is None else wanted) or params is None:  # None: abstract use (memory checks)
         return model.module, params
     module = model.module.clone(packed=True)
     packed = cpu_kernels.pack_params(params)
