@@ -32,35 +32,32 @@ constexpr int64_t kRows = 8;    // rows per register tile: 8 x 3 accumulators + 
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  // unaligned 16-float loads and stores
 
-// One panel of up to kRows rows: acc[m][j] += x[m, k] * panel[k, 16j : 16j + 16] over k.
-template <int R>
+// P adjacent panels for R rows: acc[m][j] += x[m, k] * panels[k, 16j : 16j + 16] over k (panel i's
+// columns are j = 3i..3i+2). With one or two rows a single stream per thread left memory idle:
+// reading P panels at once (P streams) measured ~15% faster; eight rows need every register.
+template <int R, int P>
 __attribute__((target("avx512f,fma"))) void PanelRows(const float* x, int64_t K, const float* panel, float* y,
                                                       int64_t N, int64_t n0) {
-  v16 acc[R][3];
+  constexpr int V = 3 * P;
+  v16 acc[R][V];
   for (int m = 0; m < R; ++m)
-    for (int j = 0; j < 3; ++j) acc[m][j] = v16{};
+    for (int j = 0; j < V; ++j) acc[m][j] = v16{};
   for (int64_t k = 0; k < K; ++k) {
-    const float* w = panel + k * kPanel;
-    __builtin_prefetch(w + 8 * kPanel);
-    __builtin_prefetch(w + 8 * kPanel + 16);
-    __builtin_prefetch(w + 8 * kPanel + 32);
-    const v16 w0 = *reinterpret_cast<const v16*>(w);
-    const v16 w1 = *reinterpret_cast<const v16*>(w + 16);
-    const v16 w2 = *reinterpret_cast<const v16*>(w + 32);
+    v16 w[V];
+    for (int i = 0; i < P; ++i)
+      for (int j = 0; j < 3; ++j) w[3 * i + j] = *reinterpret_cast<const v16*>(panel + i * K * kPanel + k * kPanel + 16 * j);
     for (int m = 0; m < R; ++m) {
       const float xm = x[m * K + k];
-      acc[m][0] += xm * w0;
-      acc[m][1] += xm * w1;
-      acc[m][2] += xm * w2;
+      for (int j = 0; j < V; ++j) acc[m][j] += xm * w[j];
     }
   }
-  const int64_t cols = std::min(kPanel, N - n0);
+  const int64_t cols = std::min<int64_t>(P * kPanel, N - n0);
   for (int m = 0; m < R; ++m) {
     float* out = y + m * N + n0;
-    if (cols == kPanel) {
-      for (int j = 0; j < 3; ++j) *reinterpret_cast<v16*>(out + 16 * j) = acc[m][j];
+    if (cols == P * kPanel) {
+      for (int j = 0; j < V; ++j) *reinterpret_cast<v16*>(out + 16 * j) = acc[m][j];
     } else {  // the last panel of a matrix whose N is not a multiple of 48
-      float tmp[kPanel];
+      float tmp[P * kPanel];
       std::memcpy(tmp, acc[m], sizeof(tmp));
       std::memcpy(out, tmp, cols * sizeof(float));
     }
@@ -68,15 +65,24 @@ __attribute__((target("avx512f,fma"))) void PanelRows(const float* x, int64_t K,
 }
 
 using PanelFn = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t);
-constexpr PanelFn kPanelFns[kRows + 1] = {nullptr,        PanelRows<1>, PanelRows<2>, PanelRows<3>, PanelRows<4>,
-                                          PanelRows<5>, PanelRows<6>, PanelRows<7>, PanelRows<8>};
+constexpr PanelFn kOnePanel[kRows + 1] = {nullptr,           PanelRows<1, 1>, PanelRows<2, 1>,
+                                          PanelRows<3, 1>, PanelRows<4, 1>, PanelRows<5, 1>,
+                                          PanelRows<6, 1>, PanelRows<7, 1>, PanelRows<8, 1>};
+constexpr int64_t kWide = 4;  // panels at once for one row, 2 for two rows
 
 // Panels [begin, end) for every group of up to kRows rows (the panel is re-read from cache per group).
 void Panels(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N, int64_t begin, int64_t end) {
-  for (int64_t p = begin; p < end; ++p) {
+  int64_t p = begin;
+  if (M <= 2) {  // one row group: several panels at once
+    const int64_t step = M == 1 ? kWide : kWide / 2;
+    for (; p + step <= end; p += step) {
+      (M == 1 ? PanelRows<1, kWide> : PanelRows<2, kWide / 2>)(x, K, w + p * K * kPanel, y, N, p * kPanel);
+    }
+  }
+  for (; p < end; ++p) {
     for (int64_t m0 = 0; m0 < M; m0 += kRows) {
       const int64_t rows = std::min(kRows, M - m0);
-      kPanelFns[rows](x + m0 * K, K, w + p * K * kPanel, y + m0 * N, N, p * kPanel);
+      kOnePanel[rows](x + m0 * K, K, w + p * K * kPanel, y + m0 * N, N, p * kPanel);
     }
   }
 }
