@@ -87,7 +87,7 @@ def main() -> int:
     params = model.params
     packed = None
     if cpu_kernels.available():  # the engine's model: packed module, packed weights
-        packed = (types.SimpleNamespace(module=model.module.clone(packed=True), init_cache=model.init_cache),
+        packed = (types.SimpleNamespace(module=model.module.clone(cpu_kernels=True), init_cache=model.init_cache),
                   cpu_kernels.pack_params(params))
     mm = jax.jit(lambda h, w: h @ w)
     head = jax.jit(lambda h, w: h @ w.T)  # tied head: the embedding read transposed

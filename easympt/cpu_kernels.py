@@ -1,15 +1,18 @@
-"""easympt's CPU matrix product for inference, on weights packed in 48-column panels.
+"""easympt's CPU kernels for inference: weight products on weights packed in 48-column panels, and
+decode attention over the slots each row holds.
 
 A decode step multiplies a few rows by every weight matrix once, so it is bound by reading the
 weights. XLA:CPU reads a [K, N] matrix at ~25 GB/s for one row and ~15 GB/s for eight (its small-M
-GEMM runs at ~62 GFLOP/s on a 2-core AVX-512 machine whose memory gives ~33 GB/s). Packed as
+GEMM runs at ~62 GFLOP/s on a 2-core AVX-512 machine whose memory gives ~30 GB/s). Packed as
 [ceil(N / 48), K, 48], each panel is one contiguous stream, and the kernel in csrc/cpu_kernels.cc
-reads it once for up to eight rows at the memory bandwidth; for prompts (hundreds of rows) it is as
-fast as XLA's dot (measured in the README, "CPU kernel").
+reads it once for up to eight rows at about the memory bandwidth; for prompts (hundreds of rows) it
+is as fast as XLA's dot. XLA's decode attention reads every slot of the cache bucket (a batch of
+rows holding 100 of 256 slots reads 256; windows cost a copy); the attention kernel reads slots
+0..position of each row and skips the rest. Figures: README, "CPU kernels".
 
-The kernel is a shared library built at install time (optional: no compiler, no kernel) and
-registered as an XLA FFI target; it needs x86-64 with AVX-512F. Packing is for inference: the
-GenerationEngine packs its copy of the weights when `available()`; training keeps [K, N] weights.
+The kernels are a shared library built at install time (optional: no compiler, no kernels) and
+registered as XLA FFI targets; they need x86-64 with AVX-512F. They are for inference: the
+GenerationEngine uses them when `available()`; training keeps XLA and [K, N] weights.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PANEL = 48  # columns per packed panel (three AVX-512 vectors of float32)
 TARGET = "easympt_packed_matmul"
+ATTENTION_TARGET = "easympt_decode_attention"
 
 
 @functools.cache
@@ -36,6 +41,7 @@ def _library() -> ctypes.CDLL | None:
     if not lib.EasymptCpuKernelSupported():
         return None
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.EasymptPackedMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.EasymptDecodeAttention), platform="cpu")
     return lib
 
 
@@ -73,18 +79,42 @@ def packed_rows(packed: jax.Array, rows: jax.Array) -> jax.Array:
 
 def packed_matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
     """x [M, K] float32 @ W [K, n], with W given packed: [M, n] float32."""
-    if _library() is None:
-        raise RuntimeError("packed weights need easympt's CPU kernel, which is not built here or needs AVX-512F "
-                           "(reinstall easympt with a C++ compiler, or run unpacked: cpu_kernels=False)")
+    _require_kernel()
     assert x.ndim == 2 and packed.shape == packed_shape(x.shape[1], n), (x.shape, packed.shape, n)
     if x.dtype != jnp.float32 or packed.dtype != jnp.float32:
         raise TypeError(f"the CPU kernel is float32 only, got {x.dtype} @ {packed.dtype}")
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(x, packed)
 
 
+def _require_kernel():
+    if _library() is None:
+        raise RuntimeError("easympt's CPU kernels are not built here or need AVX-512F (reinstall easympt with a "
+                           "C++ compiler, or run without them: cpu_kernels=False)")
+
+
+def decodes(q: jax.Array, mask, dropout) -> bool:
+    """Whether `decode_attention` takes this attention: one new token per row over a cache (causal,
+    no prefix or packed documents), float32, a head size of whole vectors, no dropout."""
+    return (q.shape[3] == 1 and q.shape[-1] % 16 == 0 and q.dtype == jnp.float32 and dropout is None
+            and mask.causal and mask.key_prefix is None and mask.q_segment is None)
+
+
+def decode_attention(q, kt, v, mask, slopes, scale: float) -> jax.Array:
+    """One query per row and head over the slots each row holds (slots 0..q_slot that are valid):
+    easympt.attention's dense decode without reading the rest of the cache. q [B, K, G, 1, D],
+    kt [B*K, D, S], v [B*K, S, D] (easympt.cache), slopes [K, G] or None -> [B, 1, K, G, D]."""
+    _require_kernel()
+    B, K, G, _, D = q.shape
+    slopes = jnp.zeros((K * G,), jnp.float32) if slopes is None else slopes.reshape(-1).astype(jnp.float32)
+    out = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((B * K, G, D), jnp.float32))(
+        q.reshape(B * K, G, D), kt.astype(jnp.float32), v.astype(jnp.float32), mask.q_slots[:, 0].astype(jnp.int32),
+        mask.key_valid, slopes, scale=np.float32(scale))
+    return out.reshape(B, 1, K, G, D)
+
+
 def pack_params(params: dict) -> dict:
     """A causal LM's parameters with every dense kernel [K, N] packed, and the token embedding [V, E]
-    packed as the tied head reads it (its transpose): the tree a `packed=True` module expects."""
+    packed as the tied head reads it (its transpose): the tree a `cpu_kernels=True` module expects."""
 
     def leaf(path, x):
         names = tuple(getattr(k, "key", k) for k in path)

@@ -165,8 +165,9 @@ class PackedEmbed(nn.Module):
 
 class MptModule(nn.Module):
     """Fields every MPT module carries: the config, dtypes, matmul precision and
-    the mesh its activations are constrained to (None: no constraints). `packed`: weights in the
-    CPU kernel's panels (easympt.cpu_kernels; float32 inference, set by the GenerationEngine)."""
+    the mesh its activations are constrained to (None: no constraints). `cpu_kernels`: easympt's CPU
+    kernels for inference (easympt.cpu_kernels): weights in packed panels, decode attention over the
+    slots rows hold; float32, set by the GenerationEngine."""
 
     config: MptConfig
     dtype: jnp.dtype = jnp.float32
@@ -174,11 +175,11 @@ class MptModule(nn.Module):
     precision: jax.lax.Precision | None = None
     mesh: jax.sharding.Mesh | None = None
     attention: str = "auto"  # attention kernel: "auto" (by shape), "dense", "blockwise", "pallas" (easympt.attention)
-    packed: bool = False
+    cpu_kernels: bool = False
 
     def dense(self, features: int, kernel_init, use_bias: bool, name: str | None = None) -> nn.Module:
         """The model's dense layer: FlatDense, or PackedDense with packed weights."""
-        if self.packed:
+        if self.cpu_kernels:
             return PackedDense(features, use_bias=use_bias, kernel_init=kernel_init, name=name)
         return FlatDense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                          precision=self.precision, kernel_init=kernel_init, name=name)
@@ -234,7 +235,10 @@ class MptAttention(MptModule):
         dropout = None
         if c.attn_config.attn_pdrop and not deterministic:
             dropout = lambda p: nn.Dropout(c.attn_config.attn_pdrop)(p, deterministic=False)  # noqa: E731
-        out = attend(q, keys, values, mask, slopes, scale, self.precision, self.dtype, dropout, impl=self.attention)
+        if self.cpu_kernels and layer_cache is not None and not windowed and cpu_kernels.decodes(q, mask, dropout):
+            out = cpu_kernels.decode_attention(q, keys, values, mask, slopes, scale)  # reads the slots rows hold
+        else:
+            out = attend(q, keys, values, mask, slopes, scale, self.precision, self.dtype, dropout, impl=self.attention)
         if windowed:
             layer_cache = write_layer(*layer_cache, *ordered_after((k, v), out), write_index)
         out = constrain(out.reshape(B, T, H * D), self.mesh, ("batch", "length", "heads"))

@@ -28,7 +28,7 @@ class MptBlock(MptModule):
     def __call__(self, x, mask: AttentionMask, layer_cache=None, write_index=None, deterministic=True):
         c = self.config
         sub = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                   mesh=self.mesh, attention=self.attention, packed=self.packed)
+                   mesh=self.mesh, attention=self.attention, cpu_kernels=self.cpu_kernels)
         h, layer_cache = MptAttention(**sub, name="attn")(
             make_norm(c, "norm_1", self.dtype, self.param_dtype)(x), mask, layer_cache, write_index,
             deterministic)
@@ -50,7 +50,7 @@ class MptTransformer(MptModule):
     def setup(self):
         c = self.config
         _, _, emb_init = initializers(c)
-        if self.packed:
+        if self.cpu_kernels:
             self.wte = PackedEmbed(c.vocab_size, c.d_model, embedding_init=emb_init)
         else:
             self.wte = nn.Embed(c.vocab_size, c.d_model, embedding_init=emb_init, dtype=self.dtype,
@@ -59,7 +59,7 @@ class MptTransformer(MptModule):
             self.wpe = nn.Embed(c.max_seq_len, c.d_model, embedding_init=emb_init, dtype=self.dtype,
                                 param_dtype=self.param_dtype)
         self.blocks = [MptBlock(c, self.dtype, self.param_dtype, self.precision, self.mesh, self.attention,
-                                self.packed) for _ in range(c.n_layers)]
+                                self.cpu_kernels) for _ in range(c.n_layers)]
         self.norm_f = make_norm(c, None, self.dtype, self.param_dtype)
         self.emb_drop = nn.Dropout(c.emb_pdrop)
 
@@ -158,7 +158,7 @@ class MptTaskModule(MptModule):
 
     def make_trunk(self) -> MptTransformer:
         return MptTransformer(self.config, self.dtype, self.param_dtype, self.precision, self.mesh, self.attention,
-                              self.packed, remat=self.remat)
+                              self.cpu_kernels, remat=self.remat)
 
     def head(self, features: int, use_bias: bool) -> nn.Module:
         return self.dense(features, initializers(self.config)[0], use_bias)

@@ -203,7 +203,7 @@ class JAXServer:
         (easympt.cpu_kernels); this then builds a plain one on each access."""
         if self.engine is None:
             return None
-        if not self.engine.module.packed:
+        if not self.engine.module.cpu_kernels:
             return self.engine.params
         return cpu_kernels.unpack_params(self.engine.params, self.model.params_shape())
 

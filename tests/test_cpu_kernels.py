@@ -66,7 +66,7 @@ def test_packed_model_equals_the_plain_one(overrides):
     config = _config(**overrides)
     model = FlaxMptForCausalLM(config, dtype=jnp.float32, seed=1)
     params = jax.tree_util.tree_map(lambda x: x + 0.01 * jnp.ones_like(x), model.params)  # biases non-zero
-    packed_module = model.module.clone(packed=True)
+    packed_module = model.module.clone(cpu_kernels=True)
     packed = cpu_kernels.pack_params(params)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (3, 9)), jnp.int32)
 
@@ -85,7 +85,7 @@ def test_pack_params_checks_the_tree():
     packed = cpu_kernels.pack_params(model.params)
     assert packed["transformer"]["wte"]["embedding"].shape == (3, 64, 48)  # 101 rows of 64, as the head reads them
     assert packed["transformer"]["blocks_0"]["attn"]["Wqkv"]["kernel"].shape == (4, 64, 48)
-    want = jax.eval_shape(model.module.clone(packed=True).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    want = jax.eval_shape(model.module.clone(cpu_kernels=True).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
     cpu_kernels.check_packed(packed, want["params"])
     with pytest.raises(ValueError, match="Wqkv"):
         cpu_kernels.check_packed(model.params, want["params"])
@@ -108,7 +108,7 @@ def test_engine_packs_on_cpu_and_generates_the_same_tokens():
 
     fast = GenerationEngine(model, model.params, max_length=64, max_compile_tokens=8)
     plain = GenerationEngine(model, model.params, max_length=64, max_compile_tokens=8, cpu_kernels=False)
-    assert fast.module.packed and not plain.module.packed
+    assert fast.module.cpu_kernels and not plain.module.cpu_kernels
     np.testing.assert_array_equal(tokens(fast), tokens(plain))
 
 
@@ -116,4 +116,48 @@ def test_engine_refuses_cpu_kernels_where_they_cannot_run():
     model = FlaxMptForCausalLM(_config(), dtype=jnp.bfloat16, seed=0)
     with pytest.raises(ValueError, match="float32"):
         GenerationEngine(model, model.params, max_length=64, cpu_kernels=True)
-    assert not GenerationEngine(model, model.params, max_length=64).module.packed  # auto: plain, no error
+    assert not GenerationEngine(model, model.params, max_length=64).module.cpu_kernels  # auto: plain, no error
+
+
+@needs_kernel
+@pytest.mark.parametrize("K,G,D,S", [(4, 1, 16, 37), (2, 3, 64, 64), (1, 8, 32, 130)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("alibi", [True, False])
+def test_decode_attention_equals_the_dense_kernel(K, G, D, S, alibi):
+    """Rows of different lengths, left padding, a row at the last slot, and slots past each row's
+    position holding garbage the kernel must not read."""
+    from easympt.attention import AttentionMask, dense_attention
+    from easympt.layers import alibi_slopes
+
+    rng = np.random.default_rng(K * 100 + S)
+    B = 3
+    q = jnp.asarray(rng.standard_normal((B, K, G, 1, D)), jnp.float32)
+    kt = jnp.asarray(rng.standard_normal((B * K, D, S)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B * K, S, D)), jnp.float32)
+    q_slot = np.array([5, S - 1, 20 % S])
+    valid = np.arange(S)[None] <= q_slot[:, None]
+    valid[0, :2] = False  # left padding
+    valid[2, 7] = False
+    mask = AttentionMask(jnp.asarray(q_slot[:, None], jnp.int32), jnp.arange(S, dtype=jnp.int32), jnp.asarray(valid))
+    slopes = jnp.asarray(alibi_slopes(K * G)).reshape(K, G) if alibi else None
+    want = dense_attention(q, kt, v, mask, slopes, 0.3)
+    got = jax.jit(cpu_kernels.decode_attention, static_argnums=5)(q, kt, v, mask, slopes, 0.3)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
+    # NaN past each row's slot and in its masked slots changes nothing: the kernel never reads them
+    unread = np.repeat(~valid, K, axis=0)  # [B*K, S]
+    kt_bad = jnp.where(jnp.asarray(unread)[:, None, :], jnp.nan, kt)
+    v_bad = jnp.where(jnp.asarray(unread)[:, :, None], jnp.nan, v)
+    bad = cpu_kernels.decode_attention(q, kt_bad, v_bad, mask, slopes, 0.3)
+    np.testing.assert_array_equal(np.asarray(bad), np.asarray(got))
+
+
+@needs_kernel
+def test_decode_attention_of_a_row_with_no_valid_slot_is_zero():
+    from easympt.attention import AttentionMask
+
+    q = jnp.ones((2, 1, 1, 1, 16))
+    kt, v = jnp.ones((2, 16, 8)), jnp.full((2, 8, 16), jnp.nan)
+    mask = AttentionMask(jnp.asarray([[3], [3]], jnp.int32), jnp.arange(8, dtype=jnp.int32),
+                         jnp.asarray([[False] * 8, [True] * 8]))
+    out = np.asarray(cpu_kernels.decode_attention(q, kt, v.at[1].set(1.0), mask, None, 1.0))
+    np.testing.assert_array_equal(out[0], 0)  # an empty decode row reads no value (these are NaN)
+    np.testing.assert_allclose(out[1], 1.0)

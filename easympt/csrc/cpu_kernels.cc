@@ -8,11 +8,15 @@
 //
 // The kernel needs x86-64 with AVX-512F (EasymptCpuKernelSupported says so at run time); elsewhere
 // easympt keeps XLA's dot and unpacked weights.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -87,25 +91,29 @@ void Panels(const float* x, int64_t M, int64_t K, const float* w, float* y, int6
   }
 }
 
-// Work shared by the calling thread and the pool's: chunks of panels taken from an atomic counter.
-// A helper that starts after the caller has finished finds no chunk and touches nothing but this
-// state, which it co-owns; the caller returns once every chunk is done.
-struct Shared {
-  const float* x;
-  const float* w;
-  float* y;
-  int64_t M, K, N, panels, chunk;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Work() {
-    const int64_t chunks = (panels + chunk - 1) / chunk;
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      Panels(x, M, K, w, y, N, c * chunk, std::min(panels, (c + 1) * chunk));
-      done.fetch_add(1, std::memory_order_release);
+// fn(begin, end) over [0, count) in chunks, on the calling thread and the pool's. Chunks come from
+// an atomic counter; a helper that starts after the caller has finished finds no chunk and touches
+// nothing but this state, which it co-owns; the caller returns once every chunk is done.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, int64_t chunks_per_thread, Fn fn) {
+  struct State {
+    State(Fn f, int64_t n, int64_t c) : fn(std::move(f)), count(n), chunk(c), chunks((n + c - 1) / c) {}
+    Fn fn;
+    int64_t count, chunk, chunks;
+    std::atomic<int64_t> next{0}, done{0};
+    void Work() {
+      for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
+        fn(c * chunk, std::min(count, (c + 1) * chunk));
+        done.fetch_add(1, std::memory_order_release);
+      }
     }
-  }
-};
+  };
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  auto s = std::make_shared<State>(std::move(fn), count, std::max<int64_t>(1, count / (chunks_per_thread * threads)));
+  for (int64_t t = 1; t < std::min(threads, s->chunks); ++t) pool.Schedule([s] { s->Work(); });
+  s->Work();
+  while (s->done.load(std::memory_order_acquire) < s->chunks) __builtin_ia32_pause();
+}
 
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> y) {
@@ -114,30 +122,148 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       (yd[1] + kPanel - 1) / kPanel != wd[0]) {
     return ffi::Error::InvalidArgument("easympt_packed_matmul: want x [M, K], w [ceil(N/48), K, 48], y [M, N]");
   }
-  if (!EasymptCpuKernelSupported()) {
-    return ffi::Error::Internal("easympt_packed_matmul needs AVX-512F");
+  if (!EasymptCpuKernelSupported()) return ffi::Error::Internal("easympt_packed_matmul needs AVX-512F");
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t M = xd[0], K = xd[1], N = yd[1];
+  // a few chunks per thread even out the finish
+  ParallelFor(pool, wd[0], 4, [=](int64_t begin, int64_t end) { Panels(xp, M, K, wp, yp, N, begin, end); });
+  return ffi::Error::Success();
+}
+
+// exp(x) for x <= 0 (Cephes' expf polynomial, ~1 ulp; x below -87 gives ~0), 16 lanes.
+__attribute__((target("avx512f,fma"))) inline __m512 Exp(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+// One decode query per (row, head) over the slots the row holds: slots 0..q_slot (causal), those
+// with key_valid set, ALiBi bias -slope * (q_slot - s). Reads the keys and values of those slots
+// once, whatever the cache's length: a batch whose rows hold 100 of 256 slots reads 100.
+// q [N, G, D] (N = B * K rows of the cache), kt [N, D, S], v [N, S, D], q_slot [B], key_valid [B, S],
+// slopes [K * G] (zeros without ALiBi); out [N, G, D]. D a multiple of 16.
+__attribute__((target("avx512f,fma"))) void DecodeRow(int64_t n, const float* q, const float* kt, const float* v,
+                                                      int32_t q_slot, const bool* valid, const float* slopes,
+                                                      float scale, int64_t G, int64_t D, int64_t S, float* out,
+                                                      float* scores) {
+  const int64_t L = std::min<int64_t>(q_slot + 1, S);  // slots past q_slot are masked (causal)
+  const int64_t Lv = (L + 15) / 16 * 16;              // scores padded to whole vectors
+  const float* kn = kt + n * D * S;
+  const float* vn = v + n * S * D;
+  std::fill(scores, scores + G * Lv, 0.0f);
+  for (int64_t d = 0; d < D; d += 4) {  // scores[g, s] += q[g, d] * kt[d, s]: four key rows (streams) at once
+    const float* k0 = kn + d * S;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = q + (n * G + g) * D + d;
+      const __m512 q0 = _mm512_set1_ps(qg[0] * scale), q1 = _mm512_set1_ps(qg[1] * scale),
+                   q2 = _mm512_set1_ps(qg[2] * scale), q3 = _mm512_set1_ps(qg[3] * scale);
+      float* sg = scores + g * Lv;
+      for (int64_t s = 0; s < L; s += 16) {
+        const __mmask16 m = L - s >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - s)) - 1);
+        __m512 acc = _mm512_loadu_ps(sg + s);
+        acc = _mm512_fmadd_ps(q0, _mm512_maskz_loadu_ps(m, k0 + s), acc);
+        acc = _mm512_fmadd_ps(q1, _mm512_maskz_loadu_ps(m, k0 + S + s), acc);
+        acc = _mm512_fmadd_ps(q2, _mm512_maskz_loadu_ps(m, k0 + 2 * S + s), acc);
+        acc = _mm512_fmadd_ps(q3, _mm512_maskz_loadu_ps(m, k0 + 3 * S + s), acc);
+        _mm512_storeu_ps(sg + s, acc);
+      }
+    }
   }
-  auto s = std::make_shared<Shared>();
-  s->x = x.typed_data();
-  s->w = w.typed_data();
-  s->y = y->typed_data();
-  s->M = xd[0];
-  s->K = xd[1];
-  s->N = yd[1];
-  s->panels = wd[0];
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  s->chunk = std::max<int64_t>(1, s->panels / (4 * threads));  // a few chunks per thread evens out the finish
-  const int64_t chunks = (s->panels + s->chunk - 1) / s->chunk;
-  for (int64_t t = 1; t < std::min(threads, chunks); ++t) pool.Schedule([s] { s->Work(); });
-  s->Work();
-  while (s->done.load(std::memory_order_acquire) < chunks) {
-    __builtin_ia32_pause();
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores + g * Lv;
+    float* og = out + (n * G + g) * D;
+    // bias and mask, then the maximum over allowed slots
+    const float sl = slopes[g];
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t s = 0; s < Lv; s += 16) {
+      const __m512i slot = _mm512_add_epi32(_mm512_set1_epi32((int32_t)s), lane);
+      __mmask16 ok = _mm512_cmplt_epi32_mask(slot, _mm512_set1_epi32((int32_t)L));
+      for (int i = 0; i < 16; ++i)
+        if (s + i < L && !valid[s + i]) ok &= (__mmask16)~(1u << i);
+      const __m512 dist = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(q_slot), slot));
+      const __m512 x = _mm512_mask_blend_ps(ok, _mm512_set1_ps(-INFINITY),
+                                            _mm512_fnmadd_ps(_mm512_set1_ps(sl), dist, _mm512_loadu_ps(sg + s)));
+      _mm512_storeu_ps(sg + s, x);
+      mx = _mm512_max_ps(mx, x);
+    }
+    const float m = _mm512_reduce_max_ps(mx);
+    if (m == -INFINITY) {  // no slot allowed (an empty decode row): zeros, as no value is read
+      std::fill(og, og + D, 0.0f);
+      continue;
+    }
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t s = 0; s < Lv; s += 16) {  // masked slots hold -inf: exp gives ~0, and they are skipped below
+      const __m512 x = _mm512_loadu_ps(sg + s);
+      const __mmask16 ok = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+      const __m512 p = _mm512_maskz_mov_ps(ok, Exp(_mm512_sub_ps(x, _mm512_set1_ps(m))));
+      _mm512_storeu_ps(sg + s, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+    // out[d] = sum_s p[s] * v[s, d] over allowed slots (a masked slot's value is never read)
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      const int64_t nv = std::min<int64_t>(4, (D - d0) / 16);
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t s = 0; s < L; ++s) {
+        const float ps = sg[s];
+        if (ps == 0.0f) continue;
+        const __m512 pb = _mm512_set1_ps(ps);
+        const float* vr = vn + s * D + d0;
+        for (int64_t j = 0; j < nv; ++j) acc[j] = _mm512_fmadd_ps(pb, _mm512_loadu_ps(vr + 16 * j), acc[j]);
+      }
+      for (int64_t j = 0; j < nv; ++j) _mm512_storeu_ps(og + d0 + 16 * j, _mm512_mul_ps(acc[j], _mm512_set1_ps(inv)));
+    }
   }
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kt,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_slot, ffi::Buffer<ffi::PRED> key_valid,
+                           ffi::Buffer<ffi::F32> slopes, float scale, ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = kt.dimensions(), vd = v.dimensions(), md = key_valid.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 2) {
+    return ffi::Error::InvalidArgument("easympt_decode_attention: want q [N, G, D], kt [N, D, S], v [N, S, D]");
+  }
+  const int64_t N = qd[0], G = qd[1], D = qd[2], S = kd[2], B = md[0];
+  if (kd[0] != N || kd[1] != D || vd[0] != N || vd[1] != S || vd[2] != D || md[1] != S || N % B != 0 ||
+      D % 16 != 0 || q_slot.element_count() != B || slopes.element_count() != (N / B) * G) {
+    return ffi::Error::InvalidArgument("easympt_decode_attention: shapes do not agree");
+  }
+  if (!EasymptCpuKernelSupported()) return ffi::Error::Internal("easympt_decode_attention needs AVX-512F");
+  const int64_t K = N / B;
+  const float *qp = q.typed_data(), *kp = kt.typed_data(), *vp = v.typed_data(), *sp = slopes.typed_data();
+  const int32_t* slot = q_slot.typed_data();
+  const bool* valid = key_valid.typed_data();
+  float* op = out->typed_data();
+  ParallelFor(pool, N, 2, [=](int64_t begin, int64_t end) {
+    std::vector<float> scores(G * ((S + 15) / 16 * 16));
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t b = n / K;
+      DecodeRow(n, qp, kp, vp, slot[b], valid + b * S, sp + (n % K) * G, scale, G, D, S, op, scores.data());
+    }
+  });
   return ffi::Error::Success();
 }
 #else
 ffi::Error PackedMatmul(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>) {
   return ffi::Error::Internal("easympt_packed_matmul is built for x86-64 only");
+}
+ffi::Error DecodeAttention(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                           ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::PRED>, ffi::Buffer<ffi::F32>, float,
+                           ffi::ResultBuffer<ffi::F32>) {
+  return ffi::Error::Internal("easympt_decode_attention is built for x86-64 only");
 }
 #endif
 
@@ -156,4 +282,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EasymptPackedMatmul, PackedMatmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EasymptDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q [N, G, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // kt [N, D, S]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v [N, S, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_slot [B]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // key_valid [B, S]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // slopes [K * G]
+                                  .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -79,8 +79,9 @@ def _shift_scores(lp: TokenLogprobs) -> TokenLogprobs:
     return jax.tree_util.tree_map(lambda x: jnp.concatenate([x[:, :1], x[:, :-1]], axis=1), lp)
 
 
-def _packed_if_wanted(model: FlaxMptForCausalLM, params, wanted: bool | None):
-    """(module, params) the engine runs: with the CPU kernel, a packed module and a packed copy."""
+def _with_cpu_kernels(model: FlaxMptForCausalLM, params, wanted: bool | None):
+    """(module, params) the engine runs: with the CPU kernels, a module that uses them and a packed copy
+    of the weights."""
     usable = (cpu_kernels.available() and model.mesh is None
               and jnp.dtype(model.dtype) == jnp.float32 and jnp.dtype(model.param_dtype) == jnp.float32)
     if wanted and not usable:
@@ -88,7 +89,7 @@ def _packed_if_wanted(model: FlaxMptForCausalLM, params, wanted: bool | None):
                          "AVX-512F), float32 weights and compute, and no mesh")
     if not (usable if wanted is None else wanted) or params is None:  # None: abstract use (memory checks)
         return model.module, params
-    module = model.module.clone(packed=True)
+    module = model.module.clone(cpu_kernels=True)
     packed = cpu_kernels.pack_params(params)
     cpu_kernels.check_packed(packed, jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
     return module, packed
@@ -104,10 +105,11 @@ class GenerationEngine:
     `max_length` bounds prompt + generated tokens per row (ALiBi lets it
     exceed the config's `max_seq_len`; learned position embeddings do not).
 
-    `cpu_kernels`: run the weight products with easympt's CPU kernel on a packed copy of the
-    weights (easympt.cpu_kernels; ~2x faster decode at batch 8, ~1.2x at batch 1). None: wherever
-    it can (JAX on CPU, the kernel built for this CPU, float32, no mesh). The engine then holds the
-    packed copy; drop other references to `params` to keep one copy in memory.
+    `cpu_kernels`: run the weight products on a packed copy of the weights and decode attention over
+    the slots rows hold with easympt's CPU kernels (easympt.cpu_kernels; ~2x faster decode at batch 8,
+    ~1.2x at batch 1). None: wherever they can run (JAX on CPU, the kernels built for this CPU,
+    float32, no mesh). The engine then holds the packed copy; drop other references to `params` to
+    keep one copy in memory.
     """
 
     def __init__(self, model: FlaxMptForCausalLM, params, max_length: int = 2048, max_compile_tokens: int = 64,
@@ -119,7 +121,7 @@ class GenerationEngine:
         if cfg.attn_config.prefix_lm:
             raise ValueError("generation with prefix_lm models is not implemented")
         self.model, self.config = model, cfg
-        self.module, self.params = _packed_if_wanted(model, unwrap_params(params), cpu_kernels)
+        self.module, self.params = _with_cpu_kernels(model, unwrap_params(params), cpu_kernels)
         self.max_length = int(max_length)
         self.max_compile_tokens = int(max_compile_tokens)
         # prompts up to one chunk prefill in one pass (power-of-two buckets); longer ones chunk by chunk
@@ -342,7 +344,9 @@ class GenerationEngine:
         of the chunk; the decode shapes a server precompiles. A window is a copy of the cache's
         first slots, and the copy costs about what reading the rest would save at a quarter of
         the cache (measured on CPU, `benchmarks/profile_decode.py --windows`), so windows go up to
-        an eighth."""
+        an eighth. With the CPU kernels attention reads only the slots rows hold: no windows."""
+        if self.module.cpu_kernels:
+            return (None,)
         windows = {b for b in self.buckets if 8 * b <= cache_len}
         w = self.prefill_chunk
         while 8 * w <= cache_len:
