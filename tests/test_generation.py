@@ -20,6 +20,13 @@ def gen(lm_checkpoint):
     return g
 
 
+@pytest.fixture(scope="module")
+def xla_gen(lm_checkpoint):
+    """XLA only (no CPU kernels): decode windows are XLA's attention path (accelerators, other CPUs)."""
+    return Generator.from_pretrained(lm_checkpoint, max_length=192, max_compile_tokens=16, progress=False,
+                                     cpu_kernels=False)
+
+
 def _uncached_vs_cached(path, total, batch_prompt_lens, cache_len):
     params, config = mpt_from_pretrained(path, dtype="fp32", progress=False)
     model = FlaxMptForCausalLM(config, dtype="fp32", _do_init=False)
@@ -209,13 +216,14 @@ def test_engine_insert_into_running_batch(gen):
     assert got == alone
 
 
-def test_windowed_decode_equals_the_whole_cache_and_copies_no_cache(gen):
+def test_windowed_decode_equals_the_whole_cache_and_copies_no_cache(xla_gen):
     """Decoding over a window of the cache gives the same tokens and cache as over all of it, and
     the compiled step copies no whole-cache buffer. (Read from the updated cache, XLA:CPU once
     copied every layer's whole cache twice per step to update it in place: a 2,048-slot window of
     an 8,192-slot cache decoded 3x slower than the whole cache.)"""
     import re
 
+    gen = xla_gen
     eng = gen.engine
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=24)
     S = eng.max_length

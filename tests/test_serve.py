@@ -279,26 +279,36 @@ def test_a_burst_of_requests_is_prefilled_in_one_pass(server):
         assert lp[0] is None and np.allclose(lp[1:], lp1[1:], atol=1e-4)
 
 
-def test_decode_attends_over_a_window_that_grows_with_the_rows(server, client, lm_checkpoint):
-    """The server decodes with the cache window its rows need (16, 32 slots here, then the whole
-    cache), and the tokens equal the engine's over the whole cache."""
+def test_decode_attends_over_a_window_that_grows_with_the_rows(lm_checkpoint, monkeypatch):
+    """Without the CPU kernels (XLA's attention, as on accelerators) the server decodes with the cache
+    window its rows need (16, 32 slots here, then the whole cache); with them, over the slots rows
+    hold and no windows. Both give the tokens of XLA's engine over the whole cache."""
     from easympt.generation import Generator
+    from easympt.serve import MPTJaxServer
 
     gen = Generator.from_pretrained(lm_checkpoint, max_length=256, max_compile_tokens=16, dtype="fp32",
-                                    progress=False)
+                                    progress=False, cpu_kernels=False)
     gen.eos_ids = ()
     prompt = "import os\nimport sys\n"
     want = gen.generate(prompt, max_new_tokens=60, temperature=0).token_ids
-    server.device_batch.eos_ids, saved = (), server.device_batch.eos_ids
-    try:
-        r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 60, "temperature": 0,
-                                                 "logprobs": 0})
-    finally:
-        server.device_batch.eos_ids = saved
-    got = r.json()["choices"][0]["logprobs"]["tokens"]
-    assert got == [server.tokenizer.decode([t]) for t in want]
-    eng = server.engine
-    assert eng.decode_window(20, 256) == 32 and eng.decode_window(40, 256) is None
+    for kernels in ("0", "1"):
+        monkeypatch.setenv("EASYMPT_CPU_KERNELS", kernels)
+        srv = MPTJaxServer.from_pretrained(lm_checkpoint, config={**CONFIG, "pre_compile": False}, progress=False)
+        srv.device_batch.eos_ids = ()
+        srv.fire()
+        try:
+            with httpx.Client(base_url=srv.url, timeout=120) as c:
+                r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 60, "temperature": 0,
+                                                    "logprobs": 0})
+        finally:
+            srv.shutdown()
+        got = r.json()["choices"][0]["logprobs"]["tokens"]
+        assert got == [srv.tokenizer.decode([t]) for t in want]
+        eng = srv.engine
+        if eng.module.cpu_kernels:
+            assert eng.decode_windows(256) == (None,)
+        else:
+            assert eng.decode_window(20, 256) == 32 and eng.decode_window(40, 256) is None
 
 
 def test_after_precompile_requests_compile_nothing(lm_checkpoint):
