@@ -1,6 +1,7 @@
 """Where a decode step's time goes: the weight matmuls alone (the roofline's
-share) against the whole cached step, by batch and cache length; with
-easympt's CPU kernel built, the step on packed weights too (what the engine runs).
+share) against the whole cached step, by batch and cache length (rows holding
+half the cache); with easympt's CPU kernels built, the step with them too (what
+the engine runs on CPU).
 
     python benchmarks/profile_decode.py [--geometry mpt-125m] [--windows]
 
@@ -100,9 +101,10 @@ def main() -> int:
                      + ms(mm, jnp.ones((B, c.ffn_hidden_size)), block["ffn"]["down_proj"]["kernel"]))
         lm = ms(head, jnp.ones((B, c.d_model)), params["transformer"]["wte"]["embedding"])
         for S in (64, 256, 1024):
-            rows.append({"batch": B, "cache_len": S, "step_ms": step_ms(model, params, B, S),
+            # rows holding half the cache: XLA's attention reads every slot, the kernel the held ones
+            rows.append({"batch": B, "cache_len": S, "step_ms": step_ms(model, params, B, S, S // 2),
                          "matmuls_ms": per_layer * c.n_layers + lm, "lm_head_ms": lm,
-                         "packed_step_ms": step_ms(*packed, B, S) if packed else None})
+                         "packed_step_ms": step_ms(*packed, B, S, S // 2) if packed else None})
     print(f"{'batch':>5s}{'cache':>7s}{'step ms':>10s}{'matmuls ms':>12s}{'lm head ms':>12s}{'other ms':>10s}"
           f"{'packed step ms':>16s}")
     for r in rows:
