@@ -1,14 +1,21 @@
-// easympt's CPU matrix product for decode: y[M, N] = x[M, K] @ W, W packed as [ceil(N/48), K, 48].
+// easympt's CPU kernels for inference, registered with XLA as FFI targets (easympt/cpu_kernels.py).
 //
-// Why: a decode step multiplies a few rows (the batch) by every weight matrix once, so it is bound by
-// reading the weights. XLA:CPU's small-M products read a [K, N] matrix at ~25 GB/s for one row and
-// ~15 GB/s (62 GFLOP/s) for eight on a 2-core AVX-512 machine whose memory gives ~33 GB/s. With the
-// weights packed in 48-column panels, each panel is one contiguous stream: this kernel reads it once
-// for up to 8 rows at the memory bandwidth (measured: 0.29 ms for [8, 768] x [768, 3072], XLA 0.61).
+// easympt_packed_matmul: y[M, N] = x[M, K] @ W, W packed as [ceil(N/48), K, 48]. A decode step
+// multiplies a few rows (the batch) by every weight matrix once, so it is bound by reading the
+// weights. XLA:CPU's small-M products read a [K, N] matrix at ~25 GB/s for one row and ~15 GB/s
+// (62 GFLOP/s) for eight on a 2-core AVX-512 machine whose memory gives ~30 GB/s. With the weights
+// packed in 48-column panels, each panel is one contiguous stream, read once for up to 8 rows at
+// about the memory bandwidth (measured: 0.29 ms for [8, 768] x [768, 3072], XLA 0.61).
 //
-// The kernel needs x86-64 with AVX-512F (EasymptCpuKernelSupported says so at run time); elsewhere
-// easympt keeps XLA's dot and unpacked weights.
+// easympt_decode_attention: one query per row and head over the slots that row holds (see
+// DecodeRow), so attention costs what rows hold rather than the cache's length.
+//
+// Both need x86-64 with AVX-512F (EasymptCpuKernelSupported says so at run time); elsewhere the
+// library builds without them and easympt keeps XLA.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define EASYMPT_X86 1
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -23,10 +30,6 @@
 namespace ffi = xla::ffi;
 
 extern "C" int EasymptCpuKernelSupported();
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define EASYMPT_X86 1
-#endif
 
 namespace {
 

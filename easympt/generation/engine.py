@@ -85,13 +85,14 @@ def _with_cpu_kernels(model: FlaxMptForCausalLM, params, wanted: bool | None):
     usable = (cpu_kernels.available() and model.mesh is None
               and jnp.dtype(model.dtype) == jnp.float32 and jnp.dtype(model.param_dtype) == jnp.float32)
     if wanted and not usable:
-        raise ValueError("cpu_kernels=True needs JAX on CPU, easympt's CPU kernel built for this CPU (x86-64 with "
-                         "AVX-512F), float32 weights and compute, and no mesh")
+        raise ValueError("cpu_kernels=True needs JAX on CPU, easympt's CPU kernels built for this CPU (x86-64 "
+                         "with AVX-512F), float32 weights and compute, and no mesh")
     if not (usable if wanted is None else wanted) or params is None:  # None: abstract use (memory checks)
         return model.module, params
     module = model.module.clone(cpu_kernels=True)
     packed = cpu_kernels.pack_params(params)
-    cpu_kernels.check_packed(packed, jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    expected = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    cpu_kernels.check_packed(packed, expected)
     return module, packed
 
 
