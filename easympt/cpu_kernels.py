@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from easympt.sharding import path_str
+
 PANEL = 48  # columns per packed panel (three AVX-512 vectors of float32)
 TARGET = "easympt_packed_matmul"
 ATTENTION_TARGET = "easympt_decode_attention"
@@ -112,22 +114,25 @@ def decode_attention(q, kt, v, mask, slopes, scale: float) -> jax.Array:
     return out.reshape(B, 1, K, G, D)
 
 
+_pack_jit = jax.jit(pack)
+
+
+def _is_embedding(path) -> bool:
+    return path_str(path).split("/")[-2:] == ["wte", "embedding"]
+
+
 def pack_params(params: dict) -> dict:
     """A causal LM's parameters with every dense kernel [K, N] packed, and the token embedding [V, E]
     packed as the tied head reads it (its transpose): the tree a `cpu_kernels=True` module expects."""
 
     def leaf(path, x):
-        names = tuple(getattr(k, "key", k) for k in path)
-        if names[-1] == "kernel" and x.ndim == 2:
+        if path_str(path).split("/")[-1] == "kernel" and x.ndim == 2:
             return _pack_jit(x)
-        if names[-2:] == ("wte", "embedding"):
+        if _is_embedding(path):
             return _pack_jit(x.T)
         return x
 
     return jax.tree_util.tree_map_with_path(leaf, params)
-
-
-_pack_jit = jax.jit(pack)
 
 
 def unpack_params(packed: dict, like: dict) -> dict:
@@ -136,8 +141,7 @@ def unpack_params(packed: dict, like: dict) -> dict:
     def leaf(path, x, want):
         if x.shape == want.shape:
             return x
-        names = tuple(getattr(k, "key", k) for k in path)
-        if names[-2:] == ("wte", "embedding"):
+        if _is_embedding(path):
             return unpack(x, want.shape[0]).T
         return unpack(x, want.shape[1])
 
@@ -146,8 +150,8 @@ def unpack_params(packed: dict, like: dict) -> dict:
 
 def check_packed(params: dict, expected: dict) -> None:
     """Packed params against the packed module's own tree: same keys, same shapes."""
-    got = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(params)}
-    want = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {path_str(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    want = {path_str(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)}
     wrong = {k: (got.get(k), want.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)}
     if wrong:
         raise ValueError(f"packed parameters do not match the packed model (got, want): {wrong}")
