@@ -2,7 +2,8 @@
 
 Random weights in mpt-125m geometry (or --geometry), float32 by default.
 Prompt 32 tokens, 128 new tokens forced (no EOS), batch 1 and 8; TTFT with a
-512-token prompt; 1 warm-up, median of 3. decode tok/s = batch * 127 /
+512-token prompt; 1 warm-up, median of 3, every system timed in turns (timing.decode_figures), so
+a change in the machine's speed during the run falls on all of them. decode tok/s = batch * 127 /
 (t(128 new) - t(1 new)); easympt's batch-1 decode is also timed after a 2,048-token
 prompt against a 32-token one, both as the decode dispatches alone (a long context should
 cost little more per step than a short one). transformers runs as its users run it: `use_cache=True`
@@ -18,6 +19,7 @@ the weight bytes one decode step must read. Prints a table and one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -32,8 +34,8 @@ from easympt import FlaxMptForCausalLM
 from easympt.dtypes import resolve_dtype
 from easympt.generation import GenerationEngine, SamplingConfig
 from easympt.transform import mpt_from_pretrained
-from peers import run_peer, write_checkpoint, write_prompts
-from timing import NEW, decode_figures, median_time, same_tokens
+from peers import Peer, write_checkpoint, write_prompts
+from timing import NEW, decode_figures, median_time, same_tokens, timed
 
 PROMPT, LONG_PROMPT, CONTEXT = 32, 512, 2048
 
@@ -94,7 +96,7 @@ def decode_only_tok_s(engine: GenerationEngine, prompts: np.ndarray) -> float:
 
 def compare(ours: dict, peer: dict) -> dict:
     """A peer's figures with easympt's ratios to them and how many greedy tokens agree."""
-    out = {k: v for k, v in peer.items() if not k.startswith("greedy_")}
+    out = {k: v for k, v in peer.items() if not k.startswith("greedy_") and k != "keys"}
     for b in ("b1", "b8"):
         if f"decode_tok_s_{b}" in peer:
             out[f"ratio_decode_{b}"] = ours[f"decode_tok_s_{b}"] / peer[f"decode_tok_s_{b}"]
@@ -137,7 +139,27 @@ def main() -> int:
         t0 = time.perf_counter()
         run_easympt(engine, p1, NEW)
         first_after = time.perf_counter() - t0
-        ours = decode_figures(lambda p, n: run_easympt(engine, p, n), {"b1": p1, "b8": p8}, plong)
+        sets = {"b1": p1, "b8": p8, "long": plong}
+        prompts = write_prompts(os.path.join(tmp, "prompts.json"), sets)
+        systems = {"easympt": lambda key, n: timed(lambda k, m: run_easympt(engine, sets[k], m), key, n)}
+        keys = {"easympt": ("b1", "b8")}
+        infos, skipped = {}, None
+        with contextlib.ExitStack() as peers:
+            started = []
+            if not args.skip_torch:  # cached transformers in easympt's dtype, on the GPU when there is one
+                started.append(("transformers", ("transformers-generate", ckpt, "--prompts", prompts, "--dtype",
+                                                 str(np.dtype(model.dtype)))))
+            if args.llama_cpp_src:
+                started += [(f"llama.cpp {t}", ("llama-cpp", ckpt, "--prompts", prompts, "--llama-cpp-src",
+                                                args.llama_cpp_src, "--outtype", t)) for t in ("f32", "f16")]
+            for name, peer_args in started:
+                peer = peers.enter_context(Peer(*peer_args))
+                if "skipped" in peer.info:
+                    skipped = peer.info["skipped"]
+                    break
+                systems[name], keys[name], infos[name] = peer, tuple(peer.info["keys"]), peer.info
+            figures = decode_figures(systems, keys)
+        ours = figures.pop("easympt")
         steady = ours["t_b1_128_s"]
         pctx = rng.integers(0, V, (1, CONTEXT))
         ours["decode_only_tok_s_b1"] = decode_only_tok_s(engine, p1)
@@ -153,19 +175,14 @@ def main() -> int:
                   "compile_and_first_call_s": compile_s,
                   "roofline_fraction_b1": ours["decode_tok_s_b1"] / roofline,
                   "context_2048_over_short_b1": ours["decode_only_tok_s_b1_ctx2048"] / ours["decode_only_tok_s_b1"]}
-        prompts = write_prompts(os.path.join(tmp, "prompts.json"), {"b1": p1, "b8": p8, "long": plong})
-        if not args.skip_torch:
-            # cached transformers in easympt's dtype, on the GPU when there is one
-            result["transformers"] = compare(ours, run_peer("transformers-generate", ckpt, "--prompts", prompts,
-                                                            "--dtype", result["dtype"]))
-        if args.llama_cpp_src:
-            result["llama_cpp"] = {}
-            for outtype in ("f32", "f16"):
-                peer = run_peer("llama-cpp", ckpt, "--prompts", prompts, "--llama-cpp-src", args.llama_cpp_src,
-                                "--outtype", outtype)
-                result["llama_cpp"][outtype] = peer if "skipped" in peer else compare(ours, peer)
-                if "skipped" in peer:
-                    break
+        for name, fig in figures.items():
+            peer = compare(ours, {**fig, **infos[name]})
+            if name == "transformers":
+                result["transformers"] = peer
+            else:
+                result.setdefault("llama_cpp", {})[infos[name]["outtype"]] = peer
+        if skipped and args.llama_cpp_src:
+            result.setdefault("llama_cpp", {})["skipped"] = skipped
 
     print(f"easympt: {'CPU kernels (packed weights, decode attention)' if result['cpu_kernels'] else 'XLA only'}")
     print(f"{'':24s}{'easympt':>12s}{'transformers':>14s}{'ratio':>8s}")
@@ -187,12 +204,17 @@ def main() -> int:
               f"b1 {t['step_growth_b1']:.2f}, b8 {t['step_growth_b8']:.2f}")
         print(f"same greedy tokens as transformers: b1 {t['greedy_match_b1']}, b8 {t['greedy_match_b8']}")
     for outtype, peer in result.get("llama_cpp", {}).items():
-        if "skipped" in peer:
-            print(f"llama.cpp: skipped ({peer['skipped']})")
-            break
+        if outtype == "skipped":
+            print(f"llama.cpp: skipped ({peer})")
+            continue
         print(f"llama.cpp {outtype}: decode b1 {peer['decode_tok_s_b1']:.1f} tok/s (easympt "
               f"{peer['ratio_decode_b1']:.2f}x), TTFT 512 {peer['ttft_512_s']:.3f} s (easympt's is "
               f"{peer['ratio_ttft']:.2f}x of it), same greedy tokens {peer['greedy_match_b1']}")
+    spreads = [f"{name} {k[7:]} {100 * v:.0f}%" for name, fig in
+               [("easympt", ours), *(("transformers", theirs),), *((f"llama.cpp {t}", p) for t, p in
+                                                                   result.get("llama_cpp", {}).items() if t != "skipped")]
+               for k, v in fig.items() if k.startswith("spread_")]
+    print(f"spread of the timed {NEW}-token runs ((max - min) / median): {', '.join(spreads)}")
     for b in ("b1", "b8"):
         ours.pop(f"greedy_{b}", None)
     print(json.dumps(result))

@@ -18,8 +18,6 @@ import tempfile
 
 import numpy as np
 
-from timing import decode_figures
-
 # the converter needs a tokenizer beside the weights whose pre-tokenizer it knows: gpt-neox-20b's,
 # which every MosaicML MPT uses, is kept verbatim as a test fixture
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures",
@@ -60,8 +58,9 @@ def write_gguf(ckpt: str, src: str, out: str, outtype: str = "f32") -> str:
     return out
 
 
-def measure(gguf: str, prompts: dict) -> dict:
-    """Batch 1 only: llama-cpp-python's high-level API decodes one sequence."""
+def load(gguf: str, prompts: dict):
+    """(run, ready line) for peers.serve. Batch 1 only: llama-cpp-python's high-level API decodes one
+    sequence."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=gguf, n_threads=2, n_threads_batch=2, n_ctx=1024, n_batch=512, logits_all=False,
@@ -79,14 +78,13 @@ def measure(gguf: str, prompts: dict) -> dict:
                 llm.eval([out[-1]])
         return out
 
-    run = lambda rows, n: [greedy(rows[0], n)]  # noqa: E731
-    return {**decode_figures(run, {"b1": prompts["b1"]}, prompts["long"]), "n_vocab": n_vocab}
+    return (lambda key, n: [greedy(prompts[key][0], n)]), {"keys": ["b1"], "n_vocab": n_vocab}
 
 
-def run(ckpt: str, prompts: dict, src: str, outtype: str = "f32") -> dict:
+def start(ckpt: str, prompts: dict, src: str, outtype: str, tmp: str):
+    """(run, ready line) for peers.serve; the GGUF is written into `tmp`."""
     why = available(src)
     if why:
-        return {"skipped": why}
-    with tempfile.TemporaryDirectory() as tmp:
-        gguf = write_gguf(ckpt, src, os.path.join(tmp, "model.gguf"), outtype)
-        return {**measure(gguf, prompts), "outtype": outtype}
+        return None, {"skipped": why}
+    run, ready = load(write_gguf(ckpt, src, os.path.join(tmp, "model.gguf"), outtype), prompts)
+    return run, {**ready, "outtype": outtype}

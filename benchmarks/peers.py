@@ -1,17 +1,20 @@
 """The peers easympt's benchmarks run beside it, each as its users run it, on the same checkpoint.
 
 Every peer runs in a child process of the benchmark (JAX's thread pool cannot slow it down; it gets
-the machine's threads) and prints one JSON line, which `run_peer` returns:
+the machine's threads). A generation peer stays up and is timed in turns with easympt (`Peer`,
+timing.decode_figures): it prints one JSON line when it is ready ({"keys": the prompt sets it
+decodes, ...} or {"skipped": why}), then answers each request line {"key": "b1", "n_new": 128}
+with {"seconds": its own timing of that run, "tokens": greedy ids}. The training peer runs once and
+prints one JSON line, which `run_peer` returns:
 
     python benchmarks/peers.py transformers-generate CKPT --prompts FILE [--dtype float32]
         PyTorch MptForCausalLM.generate with its KV cache on (`use_cache=True`: transformers'
-        MptConfig defaults to False) under torch.inference_mode(), greedy; figures from
-        timing.decode_figures, so they mean what easympt's mean.
+        MptConfig defaults to False) under torch.inference_mode(), greedy, batch 1 and 8.
+    python benchmarks/peers.py llama-cpp CKPT --prompts FILE --llama-cpp-src DIR [--outtype f32]
+        llama.cpp (llama-cpp-python) on a GGUF written from the checkpoint (llama_cpp_peer.py), batch 1.
     python benchmarks/peers.py transformers-train CKPT --batch 4 --seq-len 256 --steps 4
         a plain PyTorch loop: AdamW + global-norm clipping, float32 weights (bf16 autocast on a GPU,
         as easympt computes in bf16 there).
-    python benchmarks/peers.py llama-cpp CKPT --prompts FILE --llama-cpp-src DIR [--outtype f32]
-        llama.cpp (llama-cpp-python) on a GGUF written from the checkpoint (llama_cpp_peer.py).
 
 bench_generate runs all three, bench_train the training loop. bench_server has no peer: neither
 transformers nor the packages installed here offer a continuous-batching HTTP server to compare.
@@ -25,11 +28,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
-from timing import decode_figures
+from timing import timed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -64,6 +68,63 @@ def run_peer(*args: str) -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
+class Peer:
+    """A generation peer's child process, kept up so that the benchmark can time it in turns with
+    easympt: `peer(key, n_new)` -> (seconds, greedy tokens), timed in the child; `info` is its ready
+    line ({"skipped": why} when it cannot run here)."""
+
+    def __init__(self, *args: str):
+        self.name = args[0]
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "peers.py"), *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self.info = self._answer()
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self._stderr.seek(0)
+            raise RuntimeError(f"peer {self.name} failed:\n{self._stderr.read()[-3000:]}")
+        return json.loads(line)
+
+    def __call__(self, key: str, n_new: int) -> tuple[float, list]:
+        self.proc.stdin.write(json.dumps({"key": key, "n_new": n_new}) + "\n")
+        self.proc.stdin.flush()
+        answer = self._answer()
+        return answer["seconds"], answer["tokens"]
+
+    def close(self) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()  # end of requests: the child exits
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._stderr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def serve(start) -> None:
+    """The child's side of `Peer`: `start()` -> (run(key, n_new) -> tokens, ready line). Replies go to the
+    process's real stdout; anything a library prints there (C code included) goes to stderr instead."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    run, ready = start()
+    print(json.dumps(ready), file=replies, flush=True)
+    if "skipped" in ready:
+        return
+    for line in sys.stdin:
+        request = json.loads(line)
+        seconds, tokens = timed(run, request["key"], request["n_new"])
+        print(json.dumps({"seconds": seconds, "tokens": tokens}), file=replies, flush=True)
+
+
 # ------------------------------------------------------------------ transformers
 def _device():
     import torch
@@ -71,15 +132,16 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def transformers_generate(ckpt: str, prompts: dict, dtype: str) -> dict:
+def transformers_generate(ckpt: str, prompts: dict, dtype: str):
+    """(run, ready line) for `serve`."""
     import torch
     from transformers import MptForCausalLM
 
     device = _device()
     model = MptForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype)).to(device).eval()
 
-    def run(rows, n_new):
-        ids = torch.tensor(rows, device=device)
+    def run(key, n_new):
+        ids = torch.tensor(prompts[key], device=device)
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
                                  min_new_tokens=n_new, do_sample=False, pad_token_id=0, use_cache=True)
@@ -87,8 +149,7 @@ def transformers_generate(ckpt: str, prompts: dict, dtype: str) -> dict:
             torch.cuda.synchronize()
         return out[:, ids.shape[1]:].tolist()
 
-    out = decode_figures(run, {"b1": prompts["b1"], "b8": prompts["b8"]}, prompts["long"])
-    return {**out, "threads": torch.get_num_threads(), "device": device, "dtype": dtype}
+    return run, {"keys": ["b1", "b8"], "threads": torch.get_num_threads(), "device": device, "dtype": dtype}
 
 
 def transformers_train(ckpt: str, batch: int, seq_len: int, steps: int) -> dict:
@@ -140,15 +201,17 @@ def main() -> int:
     llama.add_argument("--outtype", default="f32")
     args = ap.parse_args()
 
+    if args.peer == "transformers-train":
+        print(json.dumps(transformers_train(args.ckpt, args.batch, args.seq_len, args.steps)))
+        return 0
+    prompts = json.load(open(args.prompts))
     if args.peer == "transformers-generate":
-        result = transformers_generate(args.ckpt, json.load(open(args.prompts)), args.dtype)
-    elif args.peer == "transformers-train":
-        result = transformers_train(args.ckpt, args.batch, args.seq_len, args.steps)
-    else:
-        import llama_cpp_peer
+        serve(lambda: transformers_generate(args.ckpt, prompts, args.dtype))
+        return 0
+    import llama_cpp_peer
 
-        result = llama_cpp_peer.run(args.ckpt, json.load(open(args.prompts)), args.llama_cpp_src, args.outtype)
-    print(json.dumps(result))
+    with tempfile.TemporaryDirectory() as tmp:  # the GGUF lives as long as the peer
+        serve(lambda: llama_cpp_peer.start(args.ckpt, prompts, args.llama_cpp_src, args.outtype, tmp))
     return 0
 
 

@@ -6,6 +6,7 @@ import statistics
 import time
 
 NEW = 128  # new tokens per timed generation
+SETTLE_S = 0.05  # pause before each timed run: the previous system's spinning threads go to sleep
 
 
 def median_time(fn, reps=3, warmup=1):
@@ -20,24 +21,54 @@ def median_time(fn, reps=3, warmup=1):
     return statistics.median(times)
 
 
-def decode_figures(run, prompts: dict, long_prompt, reps: int = 3) -> dict:
-    """Decode and first-token figures of one system; `run(prompts, n_new)` returns its greedy tokens.
+def timed(run, key: str, n_new: int) -> tuple[float, list]:
+    """(seconds, greedy tokens) of one `run(key, n_new)`: how a system times itself, in its own process."""
+    t0 = time.perf_counter()
+    tokens = run(key, n_new)
+    return time.perf_counter() - t0, tokens
 
-    prompts: {"b1": [[ids]], "b8": [[ids] x 8], ...}. decode tok/s = B * (NEW - 1) / (t(NEW new) - t(1 new))
-    (prefill and the first token cancel out); step growth = the second half's time per step over the
-    first half's (about 1 when the system keeps a KV cache, growing when it recomputes the prefix);
-    TTFT = time to one new token after `long_prompt`.
+
+def decode_figures(systems: dict, keys: dict[str, tuple[str, ...]], reps: int = 3) -> dict[str, dict]:
+    """Decode and first-token figures of several systems, measured in turns.
+
+    systems: name -> `timed_run(key, n_new)` giving (seconds, greedy tokens) for the prompt set `key`
+    ("b1", "b8": decode; "long": the 512-token prompt); keys: name -> the decode sets it runs. Every
+    measurement (a prompt set and a number of new tokens) is taken from each system in turn, 1 warm-up
+    and `reps` rounds, so a change in the machine's speed during the run (this VM's memory bandwidth
+    moves by a third between minutes) falls on every system alike instead of on whichever ran then.
+
+    decode tok/s = B * (NEW - 1) / (t(NEW new) - t(1 new)) (prefill and the first token cancel out); step
+    growth = the second half's time per step over the first half's (about 1 when the system keeps a KV
+    cache, growing when it recomputes the prefix); TTFT = time to one new token after the long prompt.
     """
+    times: dict[str, dict] = {name: {} for name in systems}
+    tokens: dict[str, dict] = {name: {} for name in systems}
+    plan = [(k, n) for k in ("b1", "b8") for n in (NEW, NEW // 2, 1)] + [("long", 1)]
+    for key, n in plan:
+        for rnd in range(reps + 1):
+            for name, run in systems.items():
+                if key != "long" and key not in keys[name]:
+                    continue
+                time.sleep(SETTLE_S)
+                t, toks = run(key, n)
+                if rnd:
+                    times[name].setdefault((key, n), []).append(t)
+                if n == NEW:
+                    tokens[name][key] = toks
     out = {}
-    for name, rows in prompts.items():
-        t_full = median_time(lambda: run(rows, NEW), reps)
-        t_half = median_time(lambda: run(rows, NEW // 2), reps)
-        t_one = median_time(lambda: run(rows, 1), reps)
-        out[f"decode_tok_s_{name}"] = len(rows) * (NEW - 1) / (t_full - t_one)
-        out[f"t_{name}_{NEW}_s"] = t_full
-        out[f"step_growth_{name}"] = ((t_full - t_half) / (NEW - NEW // 2)) / ((t_half - t_one) / (NEW // 2 - 1))
-        out[f"greedy_{name}"] = run(rows, NEW)
-    out["ttft_512_s"] = median_time(lambda: run(long_prompt, 1), reps)
+    for name in systems:
+        med = {kn: statistics.median(ts) for kn, ts in times[name].items()}
+        fig = {}
+        for key in keys[name]:
+            t_full, t_half, t_one = med[(key, NEW)], med[(key, NEW // 2)], med[(key, 1)]
+            B = len(tokens[name][key])
+            fig[f"decode_tok_s_{key}"] = B * (NEW - 1) / (t_full - t_one)
+            fig[f"t_{key}_{NEW}_s"] = t_full
+            fig[f"step_growth_{key}"] = ((t_full - t_half) / (NEW - NEW // 2)) / ((t_half - t_one) / (NEW // 2 - 1))
+            fig[f"spread_{key}"] = (max(times[name][(key, NEW)]) - min(times[name][(key, NEW)])) / t_full
+            fig[f"greedy_{key}"] = tokens[name][key]
+        fig["ttft_512_s"] = med[("long", 1)]
+        out[name] = fig
     return out
 
 

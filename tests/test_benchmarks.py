@@ -1,5 +1,6 @@
-"""The benchmark peer harness: peers run on the same checkpoint and prompts, their figures and
-greedy tokens come back to the benchmark. Timings are not checked here (benchmarks measure speed)."""
+"""The benchmark peer harness: peers run on the same checkpoint and prompts, timed in turns with
+easympt, and their figures and greedy tokens come back to the benchmark. Timings are not checked
+here (benchmarks measure speed)."""
 
 import json
 import os
@@ -24,8 +25,36 @@ def test_bench_generate_runs_cached_transformers_on_the_same_checkpoint():
     # the same random checkpoint and prompts: greedy tokens agree position by position
     assert peer["greedy_match_b1"] == "128/128" and peer["greedy_match_b8"] == "1024/1024"
     # figures are reported, not judged here: timings belong to benchmarks, not to tests
-    assert {"step_growth_b1", "ratio_decode_b1", "ratio_decode_b8", "ratio_ttft", "threads"} <= set(peer)
+    assert {"step_growth_b1", "spread_b1", "ratio_decode_b1", "ratio_decode_b8", "ratio_ttft", "threads"} <= set(peer)
     assert "greedy_b1" not in result["easympt"]  # token lists are compared, not printed
+
+
+def test_systems_are_timed_in_turns_and_figures_follow_the_definitions(monkeypatch):
+    sys.path.insert(0, BENCH)
+    try:
+        import timing
+    finally:
+        sys.path.remove(BENCH)
+    monkeypatch.setattr(timing, "SETTLE_S", 0.0)
+    calls = []
+
+    def system(name, step_s, batch):
+        def run(key, n_new):  # a fake system: 0.5 s to the first token, then step_s per token
+            calls.append((name, key, n_new))
+            B = batch if key == "b8" else 1
+            return 0.5 + step_s * (n_new - 1), [[7] * n_new] * B
+        return run
+
+    figs = timing.decode_figures({"fast": system("fast", 0.01, 8), "slow": system("slow", 0.04, 8)},
+                                 {"fast": ("b1", "b8"), "slow": ("b1",)}, reps=3)
+    # every measurement goes round the systems before the next round starts
+    assert calls[:4] == [("fast", "b1", 128), ("slow", "b1", 128), ("fast", "b1", 128), ("slow", "b1", 128)]
+    assert [c for c in calls if c[0] == "slow" and c[1] == "b8"] == []  # a set a system does not run
+    assert abs(figs["fast"]["decode_tok_s_b1"] - 100.0) < 1e-6 and abs(figs["slow"]["decode_tok_s_b1"] - 25.0) < 1e-6
+    assert abs(figs["fast"]["decode_tok_s_b8"] - 800.0) < 1e-6
+    assert abs(figs["fast"]["step_growth_b1"] - 1.0) < 1e-6 and figs["fast"]["spread_b1"] == 0.0
+    assert figs["slow"]["ttft_512_s"] == 0.5 and "decode_tok_s_b8" not in figs["slow"]
+    assert figs["fast"]["greedy_b8"] == [[7] * 128] * 8
 
 
 def test_llama_cpp_peer_says_why_it_is_skipped(tmp_path):
@@ -41,11 +70,15 @@ def test_llama_cpp_peer_says_why_it_is_skipped(tmp_path):
 def test_a_failing_peer_is_an_error_that_shows_its_stderr(tmp_path):
     sys.path.insert(0, BENCH)
     try:
-        from peers import run_peer
+        from peers import Peer, run_peer
     finally:
         sys.path.remove(BENCH)
     with pytest.raises(RuntimeError, match="transformers-train failed"):
         run_peer("transformers-train", str(tmp_path / "missing-checkpoint"), "--steps", "1")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"b1": [[1, 2, 3]], "b8": [[1, 2, 3]] * 8, "long": [[1, 2, 3]]}))
+    with pytest.raises(RuntimeError, match="transformers-generate failed(.|\n)*missing-checkpoint"):
+        Peer("transformers-generate", str(tmp_path / "missing-checkpoint"), "--prompts", str(prompts))
 
 
 def test_bench_train_runs_the_pytorch_loop_on_the_exported_weights():
