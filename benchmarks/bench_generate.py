@@ -5,8 +5,9 @@ Prompt 32 tokens, 128 new tokens forced (no EOS), batch 1 and 8; TTFT with a
 512-token prompt; 1 warm-up, median of 3, every system timed in turns (timing.decode_figures), so
 a change in the machine's speed during the run falls on all of them. decode tok/s = batch * 127 /
 (t(128 new) - t(1 new)); easympt's batch-1 decode is also timed after a 2,048-token
-prompt against a 32-token one, both as the decode dispatches alone (a long context should
-cost little more per step than a short one). transformers runs as its users run it: `use_cache=True`
+prompt against a 32-token one, as the decode dispatches alone, timed in turns, with the float32
+KV cache and with a bfloat16 one (a long context should cost little more per step than a short
+one; at the bandwidth limit it costs the cache bytes a step reads). transformers runs as its users run it: `use_cache=True`
 (its MptConfig defaults to False) under `torch.inference_mode()`; the benchmark
 prints its step-time growth (flat with a cache) and compares both systems'
 greedy tokens. With --llama-cpp-src, llama.cpp (f32 and f16 GGUFs of the same weights) runs too,
@@ -35,7 +36,7 @@ from easympt.dtypes import resolve_dtype
 from easympt.generation import GenerationEngine, SamplingConfig
 from easympt.transform import mpt_from_pretrained
 from peers import Peer, write_checkpoint, write_prompts
-from timing import NEW, decode_figures, median_time, same_tokens, timed
+from timing import NEW, SETTLE_S, decode_figures, median_time, same_tokens, timed
 
 PROMPT, LONG_PROMPT, CONTEXT = 32, 512, 2048
 
@@ -77,21 +78,28 @@ def run_easympt(engine: GenerationEngine, prompts: np.ndarray, n_new: int) -> li
     return [[int(t) for t in row if t >= 0] for row in tokens]
 
 
-def decode_only_tok_s(engine: GenerationEngine, prompts: np.ndarray) -> float:
-    """Decode tok/s of the generate dispatches alone, timed from a finished prefill (median of 3).
-    For the long-context ratio: t(128 new) - t(1 new) each include a 2,048-token prefill (~1 s), and
-    the difference of two such medians moved the ratio by ±0.1 between runs."""
+def decode_only_tok_s(runs: dict, reps: int = 3) -> dict:
+    """Decode tok/s of the generate dispatches alone, timed from a finished prefill: runs maps a name to
+    (engine, prompts); each round times every run in turn (1 warm-up, median of `reps`). For the
+    long-context ratio: t(128 new) - t(1 new) each include a 2,048-token prefill (~1 s), and the
+    difference of two such medians moved the ratio by +-0.1 between runs."""
 
-    def once():
+    def once(engine, prompts):
         _, state = _prefilled(engine, prompts, NEW)
         jax.block_until_ready(state)
+        time.sleep(SETTLE_S)
         t0 = time.perf_counter()
         _, outs = _decode(engine, state, NEW)
         n = sum(int((np.asarray(o) >= 0).sum()) for o in outs)
         return n / (time.perf_counter() - t0)
 
-    once()
-    return float(np.median([once() for _ in range(3)]))
+    rates = {name: [] for name in runs}
+    for rnd in range(reps + 1):
+        for name, (engine, prompts) in runs.items():
+            r = once(engine, prompts)
+            if rnd:
+                rates[name].append(r)
+    return {name: float(np.median(r)) for name, r in rates.items()}
 
 
 def compare(ours: dict, peer: dict) -> dict:
@@ -161,9 +169,18 @@ def main() -> int:
             figures = decode_figures(systems, keys)
         ours = figures.pop("easympt")
         steady = ours["t_b1_128_s"]
+        # the long-context ratio, with the float32 cache and with a bfloat16 one (half the bytes a step
+        # reads from it), all four timed in turns
         pctx = rng.integers(0, V, (1, CONTEXT))
-        ours["decode_only_tok_s_b1"] = decode_only_tok_s(engine, p1)
-        ours["decode_only_tok_s_b1_ctx2048"] = decode_only_tok_s(engine, pctx)
+        half = GenerationEngine(model, params, max_length=CONTEXT + 2 * NEW, max_compile_tokens=args.max_compile_tokens,
+                                cpu_kernels=False if args.no_cpu_kernels else None, kv_dtype="bfloat16")
+        run_easympt(half, p1, NEW)  # compile
+        run_easympt(half, pctx, NEW)
+        ctx = decode_only_tok_s({"b1": (engine, p1), "b1_ctx2048": (engine, pctx), "b1_bf16_cache": (half, p1),
+                                 "b1_ctx2048_bf16_cache": (half, pctx)})
+        ours.update({f"decode_only_tok_s_{k}": v for k, v in ctx.items()})
+        bf16_cache_greedy = same_tokens(run_easympt(half, p1, NEW), ours["greedy_b1"])
+        del half
 
         weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
         bw = memory_bandwidth()
@@ -174,7 +191,10 @@ def main() -> int:
                   "easympt": ours, "first_call_over_steady": first_after / steady,
                   "compile_and_first_call_s": compile_s,
                   "roofline_fraction_b1": ours["decode_tok_s_b1"] / roofline,
-                  "context_2048_over_short_b1": ours["decode_only_tok_s_b1_ctx2048"] / ours["decode_only_tok_s_b1"]}
+                  "context_2048_over_short_b1": ours["decode_only_tok_s_b1_ctx2048"] / ours["decode_only_tok_s_b1"],
+                  "context_2048_over_short_b1_bf16_cache": (ours["decode_only_tok_s_b1_ctx2048_bf16_cache"]
+                                                            / ours["decode_only_tok_s_b1_bf16_cache"]),
+                  "bf16_cache_greedy_match_b1": bf16_cache_greedy}
         for name, fig in figures.items():
             peer = compare(ours, {**fig, **infos[name]})
             if name == "transformers":
@@ -198,6 +218,9 @@ def main() -> int:
     print(f"easympt b1 decode after a {CONTEXT}-token prompt: {ours['decode_only_tok_s_b1_ctx2048']:.1f} tok/s, "
           f"after {PROMPT}: {ours['decode_only_tok_s_b1']:.1f} ({result['context_2048_over_short_b1']:.2f}x; "
           "decode dispatches alone, timed from a finished prefill)")
+    print(f"  with a bfloat16 KV cache: {ours['decode_only_tok_s_b1_ctx2048_bf16_cache']:.1f} / "
+          f"{ours['decode_only_tok_s_b1_bf16_cache']:.1f} tok/s ({result['context_2048_over_short_b1_bf16_cache']:.2f}x); "
+          f"its greedy tokens vs the float32 cache's: {result['bf16_cache_greedy_match_b1']}")
     if "transformers" in result:
         t = result["transformers"]
         print(f"transformers step growth (2nd half / 1st half of {NEW} steps; ~1 with a KV cache): "

@@ -11,7 +11,10 @@ With --reference N: the greedy continuation of an N-token prompt by a small rand
 numpy reference of llm-foundry's MPT (tests/reference_mpt.py, float64, attention a block of query
 rows at a time). Prints a table and one JSON line.
 
-    python benchmarks/bench_long_context.py [--lengths 2048,8192,16384,32768] [--chunk 2048] [--reference 16384]
+With --kv-dtype bf16 the KV cache is bfloat16 (half the bytes; float32 compute).
+
+    python benchmarks/bench_long_context.py [--lengths 2048,8192,16384,32768] [--chunk 2048] [--kv-dtype bf16]
+                                            [--reference 16384]
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def _rss(field: str) -> int:
     raise RuntimeError(field)
 
 
-def worker(length: int, chunk: int, geometry: str, one_pass: bool) -> dict:
+def worker(length: int, chunk: int, geometry: str, one_pass: bool, kv_dtype: str | None) -> dict:
     import jax
     import numpy as np
 
@@ -47,7 +50,7 @@ def worker(length: int, chunk: int, geometry: str, one_pass: bool) -> dict:
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=10**6)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, length).tolist()
     eng = GenerationEngine(model, model.params, max_length=slots, max_compile_tokens=32,
-                           prefill_chunk=length if one_pass else chunk)
+                           prefill_chunk=length if one_pass else chunk, kv_dtype=kv_dtype)
     with open("/proc/self/clear_refs", "w") as fh:  # peak RSS from here: not the engine's packing of the weights
         fh.write("5")
     base = _rss("VmRSS")
@@ -56,7 +59,7 @@ def worker(length: int, chunk: int, geometry: str, one_pass: bool) -> dict:
     jax.block_until_ready(prefix.token)
     prefill_s = time.perf_counter() - t0  # includes compiling the chunk shapes (a few seconds)
     peak = _rss("VmHWM") - base
-    kv = 2 * config.n_layers * config.kv_heads * config.head_dim * slots * 4
+    kv = sum(x.nbytes for x in (*prefix.cache.keys, *prefix.cache.values))
     state = eng.start(prefix)
     state, out = eng.generate(eng.params, state, n_steps=32)  # warm-up (compile)
     jax.block_until_ready(out)
@@ -116,6 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default="2048,8192,16384,32768")
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--geometry", default="mpt-125m")
+    ap.add_argument("--kv-dtype", default=None, help="KV-cache dtype (default: float32, the compute dtype)")
     ap.add_argument("--reference", type=int, default=None, metavar="N",
                     help="only check greedy tokens after an N-token prompt against the numpy reference")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -129,14 +133,15 @@ def main(argv=None) -> int:
         return 0 if r["equal"] else 1
     if args.worker:
         length, one_pass = args.worker.split(":")
-        print(json.dumps(worker(int(length), args.chunk, args.geometry, one_pass == "1")))
+        print(json.dumps(worker(int(length), args.chunk, args.geometry, one_pass == "1", args.kv_dtype)))
         return 0
     lengths = [int(x) for x in args.lengths.split(",")]
     runs = [(lengths[0], True)] + [(n, False) for n in lengths]
     rows = []
     for n, one_pass in runs:
         out = subprocess.run([sys.executable, __file__, "--worker", f"{n}:{int(one_pass)}", "--chunk", str(args.chunk),
-                              "--geometry", args.geometry], capture_output=True, text=True,
+                              "--geometry", args.geometry, *(["--kv-dtype", args.kv_dtype] if args.kv_dtype else [])],
+                             capture_output=True, text=True,
                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
         if out.returncode:
             print(out.stderr[-2000:], file=sys.stderr)
@@ -147,7 +152,8 @@ def main(argv=None) -> int:
               f"{r['prefill_s']:7.1f} s ({r['prefill_ms_per_token']:.2f} ms/token), peak +{r['peak_growth_bytes'] / 2**20:7.0f} "
               f"MiB = KV cache {r['kv_cache_bytes'] / 2**20:6.0f} MiB + {r['temporaries_bytes'] / 2**20:6.0f} MiB; "
               f"decode {r['decode_tok_s']:.1f} tok/s", flush=True)
-    print(json.dumps({"bench": "long_context", "geometry": args.geometry, "chunk": args.chunk, "runs": rows}))
+    print(json.dumps({"bench": "long_context", "geometry": args.geometry, "chunk": args.chunk,
+                      "kv_dtype": args.kv_dtype or "float32", "runs": rows}))
     return 0
 
 

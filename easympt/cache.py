@@ -14,6 +14,27 @@ import jax
 import jax.numpy as jnp
 
 
+def storage_dtype(dtype):
+    """What a cache of `dtype` is stored as: on CPU a bfloat16 cache is kept as its uint16 bits.
+    XLA:CPU writes one slot of a bfloat16 buffer by converting the whole buffer (19 ms per update of
+    a 75 MB cache, against 0.05 ms for the same update as uint16 or float32)."""
+    if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu":
+        return jnp.uint16
+    return dtype
+
+
+def to_storage(x: jax.Array, dtype) -> jax.Array:
+    """Keys or values `x` as a buffer of `dtype` stores them (see storage_dtype)."""
+    if dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return x.astype(dtype)
+
+
+def readable(buffer: jax.Array) -> jax.Array:
+    """A cache buffer as values: bfloat16 bits as bfloat16, anything else as it is."""
+    return jax.lax.bitcast_convert_type(buffer, jnp.bfloat16) if buffer.dtype == jnp.uint16 else buffer
+
+
 # logical axes of one layer's key (or value) buffer, as a memory plan counts them (easympt.plan);
 # the buffers themselves merge batch and kv_heads into their first dimension (see KVCache)
 CACHE_AXES = ("batch", "kv_heads", "kv_length", "head_dim")
@@ -44,6 +65,7 @@ class KVCache:
     @classmethod
     def zeros(cls, config, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
         rows, D = batch_size * config.kv_heads, config.head_dim
+        dtype = storage_dtype(dtype)
         return cls(
             keys=tuple(jnp.zeros((rows, D, max_length), dtype) for _ in range(config.n_layers)),
             values=tuple(jnp.zeros((rows, max_length, D), dtype) for _ in range(config.n_layers)),
@@ -60,8 +82,8 @@ def write_layer(keys: jax.Array, values: jax.Array, k: jax.Array, v: jax.Array, 
     index + T <= S (dynamic_update_slice would clamp silently otherwise)."""
     B, K = k.shape[:2]
     for b in range(B):
-        keys = jax.lax.dynamic_update_slice(keys, k[b].transpose(0, 2, 1).astype(keys.dtype), (b * K, 0, index[b]))
-        values = jax.lax.dynamic_update_slice(values, v[b].astype(values.dtype), (b * K, index[b], 0))
+        keys = jax.lax.dynamic_update_slice(keys, to_storage(k[b].transpose(0, 2, 1), keys.dtype), (b * K, 0, index[b]))
+        values = jax.lax.dynamic_update_slice(values, to_storage(v[b], values.dtype), (b * K, index[b], 0))
     return keys, values
 
 

@@ -19,6 +19,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: fp32 on CPU, bf16 on GPU/TPU)")
+    p.add_argument("--kv-dtype", dest="kv_dtype", default=None,
+                   help="KV-cache dtype (default: --dtype); bf16 under fp32 halves what a long-context step reads")
     p.add_argument("--max-length", type=int, default=2048, help="prompt + generated tokens per request")
     p.add_argument("--max-compile-tokens", type=int, default=64,
                    help="the smallest prompt bucket (for generate also the decode steps per dispatch)")
@@ -36,7 +38,7 @@ def cmd_generate(args) -> int:
     else:
         model, prompt = args.model_prompt
     gen = Generator.from_pretrained(model, dtype=args.dtype, max_length=args.max_length,
-                                    max_compile_tokens=args.max_compile_tokens)
+                                    max_compile_tokens=args.max_compile_tokens, kv_dtype=args.kv_dtype)
     reason = None
     for chunk in gen.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
@@ -159,6 +161,8 @@ def cmd_serve(args) -> int:
                  "pre_compile": not args.no_precompile}
     if args.dtype:
         overrides["dtype"] = args.dtype
+    if args.kv_dtype:
+        overrides["kv_dtype"] = args.kv_dtype
     if args.max_new_tokens:
         overrides["max_new_tokens"] = args.max_new_tokens
     if args.mesh:

@@ -94,22 +94,28 @@ def _require_kernel():
                            "C++ compiler, or run without them: cpu_kernels=False)")
 
 
-def decodes(q: jax.Array, mask, dropout) -> bool:
-    """Whether `decode_attention` takes this attention: one new token per row over a cache (causal,
-    no prefix or packed documents), float32, a head size of whole vectors, no dropout."""
-    return (q.shape[3] == 1 and q.shape[-1] % 16 == 0 and q.dtype == jnp.float32 and dropout is None
-            and mask.causal and mask.key_prefix is None and mask.q_segment is None)
+# what the attention kernel reads: float32, or bfloat16 (half the bytes), also as its uint16 bits (easympt.cache)
+CACHE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.uint16)
+
+
+def decodes(q: jax.Array, kt: jax.Array, mask, dropout) -> bool:
+    """Whether `decode_attention` takes this attention: one new token per row over a float32 or
+    bfloat16 cache (causal, no prefix or packed documents), float32 queries, a head size of whole
+    vectors, no dropout."""
+    return (q.shape[3] == 1 and q.shape[-1] % 16 == 0 and q.dtype == jnp.float32 and kt.dtype in CACHE_DTYPES
+            and dropout is None and mask.causal and mask.key_prefix is None and mask.q_segment is None)
 
 
 def decode_attention(q, kt, v, mask, slopes, scale: float) -> jax.Array:
     """One query per row and head over the slots each row holds (slots 0..q_slot that are valid):
     easympt.attention's dense decode without reading the rest of the cache. q [B, K, G, 1, D],
-    kt [B*K, D, S], v [B*K, S, D] (easympt.cache), slopes [K, G] or None -> [B, 1, K, G, D]."""
+    kt [B*K, D, S], v [B*K, S, D] (easympt.cache: float32 or bfloat16 bits), slopes [K, G] or None
+    -> [B, 1, K, G, D] float32."""
     _require_kernel()
     B, K, G, _, D = q.shape
     slopes = jnp.zeros((K * G,), jnp.float32) if slopes is None else slopes.reshape(-1).astype(jnp.float32)
     out = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((B * K, G, D), jnp.float32))(
-        q.reshape(B * K, G, D), kt.astype(jnp.float32), v.astype(jnp.float32), mask.q_slots[:, 0].astype(jnp.int32),
+        q.reshape(B * K, G, D), kt, v.astype(kt.dtype), mask.q_slots[:, 0].astype(jnp.int32),
         mask.key_valid, slopes, scale=np.float32(scale))
     return out.reshape(B, 1, K, G, D)
 

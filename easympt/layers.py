@@ -15,7 +15,7 @@ import numpy as np
 
 from easympt import cpu_kernels
 from easympt.attention import AttentionMask, attend
-from easympt.cache import write_layer
+from easympt.cache import readable, write_layer
 from easympt.config import MptConfig
 from easympt.sharding import constrain
 
@@ -235,10 +235,11 @@ class MptAttention(MptModule):
         dropout = None
         if c.attn_config.attn_pdrop and not deterministic:
             dropout = lambda p: nn.Dropout(c.attn_config.attn_pdrop)(p, deterministic=False)  # noqa: E731
-        if self.cpu_kernels and layer_cache is not None and not windowed and cpu_kernels.decodes(q, mask, dropout):
+        if self.cpu_kernels and layer_cache is not None and not windowed and cpu_kernels.decodes(q, keys, mask, dropout):
             out = cpu_kernels.decode_attention(q, keys, values, mask, slopes, scale)  # reads the slots rows hold
         else:
-            out = attend(q, keys, values, mask, slopes, scale, self.precision, self.dtype, dropout, impl=self.attention)
+            out = attend(q, readable(keys), readable(values), mask, slopes, scale, self.precision, self.dtype, dropout,
+                         impl=self.attention)
         if windowed:
             layer_cache = write_layer(*layer_cache, *ordered_after((k, v), out), write_index)
         out = constrain(out.reshape(B, T, H * D), self.mesh, ("batch", "length", "heads"))

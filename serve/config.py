@@ -28,6 +28,7 @@ class JaxServerConfig(BaseModel):
     mesh_axes_names: tuple[str, ...] = ("dp", "fsdp", "tp", "sp")
     mesh_axes_shape: tuple[int, ...] = (1, -1, 1, 1)
     dtype: str = "auto"
+    kv_dtype: str = Field("auto", description="KV-cache dtype; auto: the compute dtype")
     use_prefix_tokenizer: bool = True
     pre_compile: bool = True
     stream_tokens_for_gradio: bool = True
@@ -40,13 +41,13 @@ class JaxServerConfig(BaseModel):
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_n: int = Field(8, ge=1, description="largest `n` accepted by the OpenAI routes")
 
-    @field_validator("dtype")
+    @field_validator("dtype", "kv_dtype")
     @classmethod
-    def _dtype(cls, v: str) -> str:
+    def _dtype(cls, v: str, info) -> str:
         from easympt.dtypes import resolve_dtype
 
         if v != "auto":
-            resolve_dtype(v, "dtype")
+            resolve_dtype(v, info.field_name)
         return v
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -210,6 +211,7 @@ def build_app(server) -> FastAPI:
             "queue": server.scheduler.waiting.qsize(), "max_length": cfg.max_length,
             "max_new_tokens": cfg.max_new_tokens, "max_compile_tokens": cfg.max_compile_tokens,
             "prompt_buckets": list(server.engine.buckets), "dtype": str(server.model.dtype.__name__),
+            "kv_dtype": jnp.dtype(server.engine.kv_dtype).name,
             "model_config": {"d_model": m.d_model, "n_heads": m.n_heads, "n_layers": m.n_layers,
                              "vocab_size": m.vocab_size, "max_seq_len": m.max_seq_len},
         }

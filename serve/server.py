@@ -77,7 +77,8 @@ class JAXServer:
                                        _do_init=False, mesh=mesh)
         server.model, server.tokenizer = model, tokenizer
         server.engine = GenerationEngine(model, params, max_length=cfg.max_length,
-                                         max_compile_tokens=cfg.max_compile_tokens, prefill_chunk=cfg.prefill_chunk)
+                                         max_compile_tokens=cfg.max_compile_tokens, prefill_chunk=cfg.prefill_chunk,
+                                         kv_dtype=None if cfg.kv_dtype == "auto" else cfg.kv_dtype)
         del params  # on CPU the engine holds a packed copy (easympt.cpu_kernels): keep only that one
         eos = {config_model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         eos = tuple(sorted(i for i in eos if i is not None))

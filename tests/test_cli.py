@@ -36,9 +36,11 @@ def test_generate_without_model_uses_the_demo_model():
 
 def test_generate_streams_text(lm_checkpoint):
     r = run("generate", lm_checkpoint, "def f(x):", "--max-new-tokens", "8", "--max-length", "64",
-            "--max-compile-tokens", "8", "--temperature", "0")
+            "--max-compile-tokens", "8", "--temperature", "0", "--kv-dtype", "bf16")
     assert r.returncode == 0, r.stderr
     assert "finish_reason" in r.stderr
+    r = run("generate", lm_checkpoint, "x", "--kv-dtype", "int2")
+    assert r.returncode == 2 and "kv_dtype 'int2'" in r.stderr
 
 
 def test_bad_model_is_a_clear_error(tmp_path):

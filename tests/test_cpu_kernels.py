@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from easympt import FlaxMptForCausalLM, MptConfig, cpu_kernels
+from easympt.cache import KVCache
 from easympt.generation import GenerationEngine, SamplingConfig
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="easympt's CPU kernel is not built for this CPU")
@@ -112,6 +113,40 @@ def test_engine_packs_on_cpu_and_generates_the_same_tokens():
     np.testing.assert_array_equal(tokens(fast), tokens(plain))
 
 
+@needs_kernel
+def test_a_bfloat16_cache_is_stored_as_bits_on_cpu_and_read_alike_by_the_kernel_and_xla():
+    """kv_dtype="bfloat16" under float32 compute: the cache holds uint16 bits (updated in place, see
+    easympt.cache.storage_dtype); the attention kernel and XLA's attention read the same values, so
+    their greedy tokens agree; logits stay close to the float32 cache's."""
+    config = _config()
+    model = FlaxMptForCausalLM(config, dtype=jnp.float32, seed=2)
+    prompts = [[5, 6, 7, 8, 9], [1, 2], [40, 41, 42, 43, 44, 45, 46]]
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=24)
+
+    def tokens(engine):
+        prefix = engine.prefill_batch(prompts, [cfg] * 3, eos_ids=(), cache_len=64)
+        first = np.asarray(prefix.token)[:, None]
+        state, out = engine.generate(engine.params, engine.start(prefix), n_steps=23)
+        assert state.cache.keys[0].dtype == jnp.uint16 and state.cache.values[0].dtype == jnp.uint16
+        return np.concatenate([first, np.asarray(out)], axis=1)
+
+    fast = GenerationEngine(model, model.params, max_length=64, max_compile_tokens=8, kv_dtype="bfloat16")
+    plain = GenerationEngine(model, model.params, max_length=64, max_compile_tokens=8, kv_dtype="bf16",
+                             cpu_kernels=False)
+    assert fast.module.cpu_kernels and fast.kv_dtype == jnp.bfloat16
+    np.testing.assert_array_equal(tokens(fast), tokens(plain))
+
+    def step_logits(kv_dtype):
+        cache = KVCache.zeros(config, 1, 16, kv_dtype)
+        _, cache = model.module.apply({"params": model.params}, jnp.asarray([prompts[0]]), None, cache)
+        logits, _ = model.module.apply({"params": model.params}, jnp.asarray([[3]]), None, cache)
+        return np.asarray(logits)
+
+    np.testing.assert_allclose(step_logits(jnp.bfloat16), step_logits(jnp.float32), atol=2e-2)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        GenerationEngine(model, model.params, max_length=64, kv_dtype="int3")
+
+
 def test_engine_refuses_cpu_kernels_where_they_cannot_run():
     model = FlaxMptForCausalLM(_config(), dtype=jnp.bfloat16, seed=0)
     with pytest.raises(ValueError, match="float32"):
@@ -122,9 +157,11 @@ def test_engine_refuses_cpu_kernels_where_they_cannot_run():
 @needs_kernel
 @pytest.mark.parametrize("K,G,D,S", [(4, 1, 16, 37), (2, 3, 64, 64), (1, 8, 32, 130)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("alibi", [True, False])
-def test_decode_attention_equals_the_dense_kernel(K, G, D, S, alibi):
+@pytest.mark.parametrize("cache", ["float32", "bfloat16", "bfloat16-bits"])
+def test_decode_attention_equals_the_dense_kernel(K, G, D, S, alibi, cache):
     """Rows of different lengths, left padding, a row at the last slot, and slots past each row's
-    position holding garbage the kernel must not read."""
+    position holding garbage the kernel must not read; a float32 or a bfloat16 cache (also stored
+    as its uint16 bits, as easympt.cache keeps it on CPU), widened exactly."""
     from easympt.attention import AttentionMask, dense_attention
     from easympt.layers import alibi_slopes
 
@@ -139,14 +176,18 @@ def test_decode_attention_equals_the_dense_kernel(K, G, D, S, alibi):
     valid[2, 7] = False
     mask = AttentionMask(jnp.asarray(q_slot[:, None], jnp.int32), jnp.arange(S, dtype=jnp.int32), jnp.asarray(valid))
     slopes = jnp.asarray(alibi_slopes(K * G)).reshape(K, G) if alibi else None
-    want = dense_attention(q, kt, v, mask, slopes, 0.3)
-    got = jax.jit(cpu_kernels.decode_attention, static_argnums=5)(q, kt, v, mask, slopes, 0.3)
+    if cache != "float32":
+        kt, v = kt.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+    # the reference reads the same (rounded) cache in float32
+    want = dense_attention(q, kt.astype(jnp.float32), v.astype(jnp.float32), mask, slopes, 0.3)
+    stored = (lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)) if cache == "bfloat16-bits" else (lambda x: x)
+    got = jax.jit(cpu_kernels.decode_attention, static_argnums=5)(q, stored(kt), stored(v), mask, slopes, 0.3)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
     # NaN past each row's slot and in its masked slots changes nothing: the kernel never reads them
     unread = np.repeat(~valid, K, axis=0)  # [B*K, S]
-    kt_bad = jnp.where(jnp.asarray(unread)[:, None, :], jnp.nan, kt)
-    v_bad = jnp.where(jnp.asarray(unread)[:, :, None], jnp.nan, v)
-    bad = cpu_kernels.decode_attention(q, kt_bad, v_bad, mask, slopes, 0.3)
+    kt_bad = jnp.where(jnp.asarray(unread)[:, None, :], jnp.nan, kt).astype(kt.dtype)
+    v_bad = jnp.where(jnp.asarray(unread)[:, :, None], jnp.nan, v).astype(v.dtype)
+    bad = cpu_kernels.decode_attention(q, stored(kt_bad), stored(v_bad), mask, slopes, 0.3)
     np.testing.assert_array_equal(np.asarray(bad), np.asarray(got))
 
 

@@ -35,6 +35,8 @@ def test_config_rejects_unknown_and_bad_keys():
         JaxServerConfig(temperature=-1)
     with pytest.raises(ValueError, match="dtype"):
         JaxServerConfig(dtype="int4")
+    with pytest.raises(ValueError, match="kv_dtype 'int8' is not one of"):
+        JaxServerConfig(kv_dtype="int8")
     assert JaxServerConfig().host == "127.0.0.1" and JaxServerConfig().port == 2059
 
 
@@ -50,6 +52,7 @@ def test_easydel_routes(client):
     assert r.status_code == 200 and "### Instruction:\nwrite a loop" in r.json()["input"]
     s = client.get("/status").json()
     assert s["status"] == "ready" and s["batch_size"] == 4 and s["prompt_buckets"][-1] == 256
+    assert s["dtype"] == s["kv_dtype"] == "float32"
     assert client.get("/health").json() == {"status": "ok"}
 
 

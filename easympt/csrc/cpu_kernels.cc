@@ -156,18 +156,38 @@ __attribute__((target("avx512f,fma"))) inline __m512 Exp(__m512 x) {
 // with key_valid set, ALiBi bias -slope * (q_slot - s). Reads the keys and values of those slots
 // once, whatever the cache's length: a batch whose rows hold 100 of 256 slots reads 100.
 // q [N, G, D] (N = B * K rows of the cache), kt [N, D, S], v [N, S, D], q_slot [B], key_valid [B, S],
-// slopes [K * G] (zeros without ALiBi); out [N, G, D]. D a multiple of 16.
-__attribute__((target("avx512f,fma"))) void DecodeRow(int64_t n, const float* q, const float* kt, const float* v,
+// slopes [K * G] (zeros without ALiBi); out [N, G, D]. D a multiple of 16. The cache is float32 or
+// bfloat16 (T = uint16_t: bf16 bits, as BF16 or U16, widened exactly on load; half the bytes per slot).
+
+// Sixteen cache values from p as float32; the lanes outside `m` are zero and nothing past them is read.
+__attribute__((target("avx512f"))) inline __m512 Load16(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
+__attribute__((target("avx512f"))) inline __m512 Load16(const uint16_t* p, __mmask16 m) {
+  __m256i bits;
+  if (m == (__mmask16)0xFFFF) {
+    bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  } else {  // a tail: copy the lanes that exist (masked 16-bit loads need AVX-512BW)
+    alignas(32) uint16_t tail[16] = {};
+    for (int i = 0; i < 16 && (m >> i) & 1; ++i) tail[i] = p[i];
+    bits = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+  }
+  // bf16 is float32's top half (the maskz form: GCC 12 warns about the undefined source of the plain one)
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32((__mmask16)0xFFFF, _mm512_cvtepu16_epi32(bits), 16));
+}
+
+template <typename T>
+__attribute__((target("avx512f,fma"))) void DecodeRow(int64_t n, const float* q, const T* kt, const T* v,
                                                       int32_t q_slot, const bool* valid, const float* slopes,
                                                       float scale, int64_t G, int64_t D, int64_t S, float* out,
                                                       float* scores) {
   const int64_t L = std::min<int64_t>(q_slot + 1, S);  // slots past q_slot are masked (causal)
   const int64_t Lv = (L + 15) / 16 * 16;              // scores padded to whole vectors
-  const float* kn = kt + n * D * S;
-  const float* vn = v + n * S * D;
+  const T* kn = kt + n * D * S;
+  const T* vn = v + n * S * D;
   std::fill(scores, scores + G * Lv, 0.0f);
   for (int64_t d = 0; d < D; d += 4) {  // scores[g, s] += q[g, d] * kt[d, s]: four key rows (streams) at once
-    const float* k0 = kn + d * S;
+    const T* k0 = kn + d * S;
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = q + (n * G + g) * D + d;
       const __m512 q0 = _mm512_set1_ps(qg[0] * scale), q1 = _mm512_set1_ps(qg[1] * scale),
@@ -176,10 +196,10 @@ __attribute__((target("avx512f,fma"))) void DecodeRow(int64_t n, const float* q,
       for (int64_t s = 0; s < L; s += 16) {
         const __mmask16 m = L - s >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - s)) - 1);
         __m512 acc = _mm512_loadu_ps(sg + s);
-        acc = _mm512_fmadd_ps(q0, _mm512_maskz_loadu_ps(m, k0 + s), acc);
-        acc = _mm512_fmadd_ps(q1, _mm512_maskz_loadu_ps(m, k0 + S + s), acc);
-        acc = _mm512_fmadd_ps(q2, _mm512_maskz_loadu_ps(m, k0 + 2 * S + s), acc);
-        acc = _mm512_fmadd_ps(q3, _mm512_maskz_loadu_ps(m, k0 + 3 * S + s), acc);
+        acc = _mm512_fmadd_ps(q0, Load16(k0 + s, m), acc);
+        acc = _mm512_fmadd_ps(q1, Load16(k0 + S + s, m), acc);
+        acc = _mm512_fmadd_ps(q2, Load16(k0 + 2 * S + s, m), acc);
+        acc = _mm512_fmadd_ps(q3, Load16(k0 + 3 * S + s, m), acc);
         _mm512_storeu_ps(sg + s, acc);
       }
     }
@@ -224,16 +244,29 @@ __attribute__((target("avx512f,fma"))) void DecodeRow(int64_t n, const float* q,
         const float ps = sg[s];
         if (ps == 0.0f) continue;
         const __m512 pb = _mm512_set1_ps(ps);
-        const float* vr = vn + s * D + d0;
-        for (int64_t j = 0; j < nv; ++j) acc[j] = _mm512_fmadd_ps(pb, _mm512_loadu_ps(vr + 16 * j), acc[j]);
+        const T* vr = vn + s * D + d0;
+        for (int64_t j = 0; j < nv; ++j) acc[j] = _mm512_fmadd_ps(pb, Load16(vr + 16 * j, 0xFFFF), acc[j]);
       }
       for (int64_t j = 0; j < nv; ++j) _mm512_storeu_ps(og + d0 + 16 * j, _mm512_mul_ps(acc[j], _mm512_set1_ps(inv)));
     }
   }
 }
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kt,
-                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_slot, ffi::Buffer<ffi::PRED> key_valid,
+template <typename T>
+void DecodeRows(ffi::ThreadPool& pool, const float* qp, const T* kp, const T* vp, const int32_t* slot,
+                const bool* valid, const float* sp, float scale, int64_t N, int64_t K, int64_t G, int64_t D,
+                int64_t S, float* op) {
+  ParallelFor(pool, N, 2, [=](int64_t begin, int64_t end) {
+    std::vector<float> scores(G * ((S + 15) / 16 * 16));
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t b = n / K;
+      DecodeRow<T>(n, qp, kp, vp, slot[b], valid + b * S, sp + (n % K) * G, scale, G, D, S, op, scores.data());
+    }
+  });
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kt, ffi::AnyBuffer v,
+                           ffi::Buffer<ffi::S32> q_slot, ffi::Buffer<ffi::PRED> key_valid,
                            ffi::Buffer<ffi::F32> slopes, float scale, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = kt.dimensions(), vd = v.dimensions(), md = key_valid.dimensions();
   if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 2) {
@@ -244,27 +277,28 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       D % 16 != 0 || q_slot.element_count() != B || slopes.element_count() != (N / B) * G) {
     return ffi::Error::InvalidArgument("easympt_decode_attention: shapes do not agree");
   }
+  const ffi::DataType type = kt.element_type();
+  if (v.element_type() != type ||
+      (type != ffi::DataType::F32 && type != ffi::DataType::BF16 && type != ffi::DataType::U16)) {
+    return ffi::Error::InvalidArgument(
+        "easympt_decode_attention: the cache is float32 or bfloat16 (or its uint16 bits), keys as values");
+  }
   if (!EasymptCpuKernelSupported()) return ffi::Error::Internal("easympt_decode_attention needs AVX-512F");
   const int64_t K = N / B;
-  const float *qp = q.typed_data(), *kp = kt.typed_data(), *vp = v.typed_data(), *sp = slopes.typed_data();
-  const int32_t* slot = q_slot.typed_data();
-  const bool* valid = key_valid.typed_data();
-  float* op = out->typed_data();
-  ParallelFor(pool, N, 2, [=](int64_t begin, int64_t end) {
-    std::vector<float> scores(G * ((S + 15) / 16 * 16));
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t b = n / K;
-      DecodeRow(n, qp, kp, vp, slot[b], valid + b * S, sp + (n % K) * G, scale, G, D, S, op, scores.data());
-    }
-  });
+  if (type == ffi::DataType::F32) {
+    DecodeRows(pool, q.typed_data(), kt.typed_data<float>(), v.typed_data<float>(), q_slot.typed_data(),
+               key_valid.typed_data(), slopes.typed_data(), scale, N, K, G, D, S, out->typed_data());
+  } else {
+    DecodeRows(pool, q.typed_data(), kt.typed_data<uint16_t>(), v.typed_data<uint16_t>(), q_slot.typed_data(),
+               key_valid.typed_data(), slopes.typed_data(), scale, N, K, G, D, S, out->typed_data());
+  }
   return ffi::Error::Success();
 }
 #else
 ffi::Error PackedMatmul(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>) {
   return ffi::Error::Internal("easympt_packed_matmul is built for x86-64 only");
 }
-ffi::Error DecodeAttention(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
-                           ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::PRED>, ffi::Buffer<ffi::F32>, float,
+ffi::Error DecodeAttention(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::AnyBuffer, ffi::AnyBuffer, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::PRED>, ffi::Buffer<ffi::F32>, float,
                            ffi::ResultBuffer<ffi::F32>) {
   return ffi::Error::Internal("easympt_decode_attention is built for x86-64 only");
 }
@@ -291,8 +325,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EasymptDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q [N, G, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // kt [N, D, S]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v [N, S, D]
+                                  .Arg<ffi::AnyBuffer>()          // kt [N, D, S], float32 or bfloat16 bits
+                                  .Arg<ffi::AnyBuffer>()          // v [N, S, D], as kt
                                   .Arg<ffi::Buffer<ffi::S32>>()   // q_slot [B]
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // key_valid [B, S]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // slopes [K * G]

@@ -19,6 +19,7 @@ import numpy as np
 
 from easympt import cpu_kernels
 from easympt.cache import KVCache, cache_rows
+from easympt.dtypes import resolve_dtype
 from easympt.generation.sampling import (MAX_LOGPROBS, NO_STOP, SamplingConfig, SamplingRows, TokenLogprobs, sample,
                                         token_logprobs)
 from easympt.model import FlaxMptForCausalLM, unwrap_params
@@ -111,10 +112,16 @@ class GenerationEngine:
     ~1.2x at batch 1). None: wherever they can run (JAX on CPU, the kernels built for this CPU,
     float32, no mesh). The engine then holds the packed copy; drop other references to `params` to
     keep one copy in memory.
+
+    `kv_dtype`: the KV cache's dtype (default: the model's compute dtype). A bfloat16 cache under
+    float32 compute halves the bytes a long-context decode step reads (the attention kernel widens
+    it exactly on load) at the cost of rounding keys and values to bfloat16, as llama.cpp's default
+    16-bit cache does.
     """
 
     def __init__(self, model: FlaxMptForCausalLM, params, max_length: int = 2048, max_compile_tokens: int = 64,
-                 stop_slots: int = 8, prefill_chunk: int = 2048, cpu_kernels: bool | None = None):
+                 stop_slots: int = 8, prefill_chunk: int = 2048, cpu_kernels: bool | None = None,
+                 kv_dtype=None):
         cfg = model.config
         if cfg.uses_learned_pos_emb and max_length > cfg.max_seq_len:
             raise ValueError(f"max_length {max_length} exceeds max_seq_len {cfg.max_seq_len} of a model with "
@@ -122,6 +129,7 @@ class GenerationEngine:
         if cfg.attn_config.prefix_lm:
             raise ValueError("generation with prefix_lm models is not implemented")
         self.model, self.config = model, cfg
+        self.kv_dtype = resolve_dtype(kv_dtype, "kv_dtype") or model.dtype
         self.module, self.params = _with_cpu_kernels(model, unwrap_params(params), cpu_kernels)
         self.max_length = int(max_length)
         self.max_compile_tokens = int(max_compile_tokens)
@@ -167,7 +175,7 @@ class GenerationEngine:
         """tokens/mask [n, P], left padded; the last column is every row's last prompt token.
         `with_logprobs` keeps every position's logits of this same pass to score the prompt."""
         n, P = tokens.shape
-        cache = KVCache.zeros(self.config, n, cache_len, self.model.dtype)
+        cache = KVCache.zeros(self.config, n, cache_len, self.kv_dtype)
         seen = jnp.zeros((n, self.config.vocab_size), bool)
         cache, seen, last, lp = self._extend(params, tokens, mask, cache, seen, _following(tokens), with_logprobs)
         prefix = self._finish(last, cache, seen, rows, max_new, stop_ids, with_logprobs)
@@ -257,7 +265,7 @@ class GenerationEngine:
         S = cache_len or self.max_length
         cfg = SamplingConfig(temperature=0.0)
         return DecodeState(
-            cache=KVCache.zeros(self.config, batch_size, S, self.model.dtype),
+            cache=KVCache.zeros(self.config, batch_size, S, self.kv_dtype),
             token=jnp.zeros((batch_size,), jnp.int32),
             active=jnp.zeros((batch_size,), bool),
             n_new=jnp.zeros((batch_size,), jnp.int32),
@@ -380,7 +388,7 @@ class ChunkedPrefill:
         self.with_logprobs = any(c.wants_logprobs for c in configs)
         self.stop_ids = engine.stop_table(configs, eos_ids)
         n = len(prompts)
-        self.cache = KVCache.zeros(engine.config, n, cache_len, engine.model.dtype)
+        self.cache = KVCache.zeros(engine.config, n, cache_len, engine.kv_dtype)
         self.seen = jnp.zeros((n, engine.config.vocab_size), bool)
         self.next_chunk = 0
         self.scores: list[TokenLogprobs] = []

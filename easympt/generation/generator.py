@@ -41,16 +41,16 @@ class Generator:
     """`generate` (a prompt or a batch) and `stream` (one prompt) over a GenerationEngine."""
 
     def __init__(self, model: FlaxMptForCausalLM, params, tokenizer, max_length: int = 2048,
-                 max_compile_tokens: int = 64, cpu_kernels: bool | None = None):
+                 max_compile_tokens: int = 64, cpu_kernels: bool | None = None, kv_dtype=None):
         self.tokenizer = tokenizer
         self.engine = GenerationEngine(model, params, max_length=max_length, max_compile_tokens=max_compile_tokens,
-                                       cpu_kernels=cpu_kernels)
+                                       cpu_kernels=cpu_kernels, kv_dtype=kv_dtype)
         eos = {model.config.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         self.eos_ids = tuple(sorted(i for i in eos if i is not None))
 
     @classmethod
     def from_pretrained(cls, source: str, dtype=None, max_length: int = 2048, max_compile_tokens: int = 64,
-                        tokenizer=None, cpu_kernels: bool | None = None, **load_kwargs) -> Generator:
+                        tokenizer=None, cpu_kernels: bool | None = None, kv_dtype=None, **load_kwargs) -> Generator:
         from transformers import AutoTokenizer
 
         from easympt.transform import mpt_from_pretrained
@@ -61,7 +61,7 @@ class Generator:
         model = FlaxMptForCausalLM(config, dtype=dtype, _do_init=False)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(ckpt)
         return cls(model, params, tokenizer, max_length=max_length, max_compile_tokens=max_compile_tokens,
-                   cpu_kernels=cpu_kernels)
+                   cpu_kernels=cpu_kernels, kv_dtype=kv_dtype)
 
     # ---------------------------------------------------------------- helpers
     def encode(self, prompt) -> list[int]:
