@@ -159,17 +159,18 @@ def build_router(server) -> APIRouter:
         check_model(name)
         return {"id": cfg.model_name, "object": "model", "created": int(server.started_at), "owned_by": "easympt"}
 
-    async def stream_events(prompt: str | list[int], sampling, truncate: bool, make_chunk, request: Request):
+    async def stream_events(prompt: str | list[int], sampling, truncate: bool, make_chunk):
         ids = server.encode_prompt(prompt, sampling.max_new_tokens, truncate)
         handle = server.scheduler.submit(ids, sampling, loop=asyncio.get_running_loop())
 
         async def gen():
+            # A client that leaves cancels this generator (Starlette's StreamingResponse listens for
+            # the disconnect beside the stream), and `finally` frees its slot; asking
+            # request.is_disconnected() per event cost ~10% of the HTTP thread under 16 streams.
             done = False
             try:
                 yield f"data: {json.dumps(make_chunk(None, None, None, first=True))}\n\n"
                 async for ev in handle.events():
-                    if await request.is_disconnected():
-                        break
                     if ev.finish_reason == "error":
                         yield f"data: {json.dumps({'error': {'message': ev.error, 'type': 'server_error'}})}\n\n"
                         done = True
@@ -211,8 +212,7 @@ def build_router(server) -> APIRouter:
                     offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
                 return {"id": cid, "object": "text_completion", "created": created, "model": cfg.model_name,
                         "choices": [{"index": 0, "text": text or "", "finish_reason": reason, "logprobs": lp}]}
-            return await stream_events(prompts[0], sampling_for(body, logprobs=body.logprobs), body.truncate, chunk,
-                                       request)
+            return await stream_events(prompts[0], sampling_for(body, logprobs=body.logprobs), body.truncate, chunk)
         jobs = [(p, sampling_for(body, index=i, logprobs=body.logprobs, echo=body.echo))
                 for p in prompts for i in range(body.n)]
         results = await asyncio.gather(*(run_to_completion(server, p, s, body.truncate, request) for p, s in jobs))
@@ -250,7 +250,7 @@ def build_router(server) -> APIRouter:
                     choice["logprobs"] = chat_logprobs(server.tokenizer, scores, n_top) if scores else None
                 return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
                         "choices": [choice]}
-            return await stream_events(prompt, sampling_for(body, stops, logprobs=want), body.truncate, chunk, request)
+            return await stream_events(prompt, sampling_for(body, stops, logprobs=want), body.truncate, chunk)
         results = await asyncio.gather(*(run_to_completion(server, prompt, sampling_for(body, stops, i, logprobs=want),
                                                            body.truncate, request) for i in range(body.n)))
         choices = [{"index": i, "message": {"role": "assistant", "content": done.text},
