@@ -94,23 +94,25 @@ def test_pack_params_checks_the_tree():
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, model.params)
 
 
+PROMPTS = [[5, 6, 7, 8, 9], [1, 2], [40, 41, 42, 43, 44, 45, 46]]
+
+
+def _greedy(engine) -> tuple[np.ndarray, KVCache]:
+    """24 greedy tokens for each of PROMPTS, and the cache they were decoded in."""
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=24)
+    prefix = engine.prefill_batch(PROMPTS, [cfg] * 3, eos_ids=(), cache_len=64)
+    first = np.asarray(prefix.token)[:, None]  # before `start`, which takes the prefix over
+    state, out = engine.generate(engine.params, engine.start(prefix), n_steps=23)
+    return np.concatenate([first, np.asarray(out)], axis=1), state.cache
+
+
 @needs_kernel
 def test_engine_packs_on_cpu_and_generates_the_same_tokens():
-    config = _config()
-    model = FlaxMptForCausalLM(config, dtype=jnp.float32, seed=2)
-    prompts = [[5, 6, 7, 8, 9], [1, 2], [40, 41, 42, 43, 44, 45, 46]]
-    cfg = SamplingConfig(temperature=0.0, max_new_tokens=24)
-
-    def tokens(engine):
-        prefix = engine.prefill_batch(prompts, [cfg] * 3, eos_ids=(), cache_len=64)
-        first = np.asarray(prefix.token)[:, None]  # before `start`, which takes the prefix over
-        state, out = engine.generate(engine.params, engine.start(prefix), n_steps=23)
-        return np.concatenate([first, np.asarray(out)], axis=1)
-
+    model = FlaxMptForCausalLM(_config(), dtype=jnp.float32, seed=2)
     fast = GenerationEngine(model, model.params, max_length=64, max_compile_tokens=8)
     plain = GenerationEngine(model, model.params, max_length=64, max_compile_tokens=8, cpu_kernels=False)
     assert fast.module.cpu_kernels and not plain.module.cpu_kernels
-    np.testing.assert_array_equal(tokens(fast), tokens(plain))
+    np.testing.assert_array_equal(_greedy(fast)[0], _greedy(plain)[0])
 
 
 @needs_kernel
@@ -120,25 +122,17 @@ def test_a_bfloat16_cache_is_stored_as_bits_on_cpu_and_read_alike_by_the_kernel_
     their greedy tokens agree; logits stay close to the float32 cache's."""
     config = _config()
     model = FlaxMptForCausalLM(config, dtype=jnp.float32, seed=2)
-    prompts = [[5, 6, 7, 8, 9], [1, 2], [40, 41, 42, 43, 44, 45, 46]]
-    cfg = SamplingConfig(temperature=0.0, max_new_tokens=24)
-
-    def tokens(engine):
-        prefix = engine.prefill_batch(prompts, [cfg] * 3, eos_ids=(), cache_len=64)
-        first = np.asarray(prefix.token)[:, None]
-        state, out = engine.generate(engine.params, engine.start(prefix), n_steps=23)
-        assert state.cache.keys[0].dtype == jnp.uint16 and state.cache.values[0].dtype == jnp.uint16
-        return np.concatenate([first, np.asarray(out)], axis=1)
-
     fast = GenerationEngine(model, model.params, max_length=64, max_compile_tokens=8, kv_dtype="bfloat16")
     plain = GenerationEngine(model, model.params, max_length=64, max_compile_tokens=8, kv_dtype="bf16",
                              cpu_kernels=False)
     assert fast.module.cpu_kernels and fast.kv_dtype == jnp.bfloat16
-    np.testing.assert_array_equal(tokens(fast), tokens(plain))
+    (fast_tokens, cache), (plain_tokens, _) = _greedy(fast), _greedy(plain)
+    assert cache.keys[0].dtype == jnp.uint16 and cache.values[0].dtype == jnp.uint16
+    np.testing.assert_array_equal(fast_tokens, plain_tokens)
 
     def step_logits(kv_dtype):
         cache = KVCache.zeros(config, 1, 16, kv_dtype)
-        _, cache = model.module.apply({"params": model.params}, jnp.asarray([prompts[0]]), None, cache)
+        _, cache = model.module.apply({"params": model.params}, jnp.asarray([PROMPTS[0]]), None, cache)
         logits, _ = model.module.apply({"params": model.params}, jnp.asarray([[3]]), None, cache)
         return np.asarray(logits)
 
