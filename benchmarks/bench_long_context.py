@@ -11,10 +11,11 @@ With --reference N: the greedy continuation of an N-token prompt by a small rand
 numpy reference of llm-foundry's MPT (tests/reference_mpt.py, float64, attention a block of query
 rows at a time). Prints a table and one JSON line.
 
-With --kv-dtype bf16 the KV cache is bfloat16 (half the bytes; float32 compute).
+With --kv-dtype bf16 the KV cache is bfloat16 (half the bytes; float32 compute). With --kv-compare
+N,N: only decode after N-token prompts with both caches, in one process, timed in turns.
 
     python benchmarks/bench_long_context.py [--lengths 2048,8192,16384,32768] [--chunk 2048] [--kv-dtype bf16]
-                                            [--reference 16384]
+                                            [--reference 16384] [--kv-compare 2048,8192,16384]
 """
 
 from __future__ import annotations
@@ -71,6 +72,38 @@ def worker(length: int, chunk: int, geometry: str, one_pass: bool, kv_dtype: str
             "peak_growth_bytes": peak, "kv_cache_bytes": kv, "temporaries_bytes": peak - kv, "decode_tok_s": decode}
 
 
+def kv_compare(length: int, geometry: str, rounds: int = 5) -> dict:
+    """Batch-1 decode after a `length`-token prompt with a float32 and a bfloat16 KV cache, both engines
+    in this process and timed in turns (16-step dispatches, median of `rounds`): this machine's
+    bandwidth moves between minutes, so figures from separate processes do not compare."""
+    import jax
+    import numpy as np
+
+    from easympt import FlaxMptForCausalLM, MptConfig
+    from easympt.generation import GenerationEngine, SamplingConfig
+
+    config = MptConfig.preset(geometry)
+    model = FlaxMptForCausalLM(config, dtype="fp32", seed=0)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, length).tolist()
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=10**6)
+    runs = {}
+    for kv in ("float32", "bfloat16"):
+        eng = GenerationEngine(model, model.params, max_length=length + 256, max_compile_tokens=32, kv_dtype=kv)
+        state, out = eng.generate(eng.params, eng.start(eng.prefill_batch([ids], [cfg], cache_len=length + 256)),
+                                  n_steps=16)  # compiles
+        jax.block_until_ready(out)
+        runs[kv] = [eng, state, []]
+    for _ in range(rounds):
+        for run in runs.values():
+            eng, state, rates = run
+            time.sleep(0.05)
+            t0 = time.perf_counter()
+            run[1], out = eng.generate(eng.params, state, n_steps=16)
+            jax.block_until_ready(out)
+            rates.append(16 / (time.perf_counter() - t0))
+    return {"length": length, **{f"decode_tok_s_{kv}": float(np.median(r[2])) for kv, r in runs.items()}}
+
+
 def reference_check(length: int, chunk: int, n_new: int = 4) -> dict:
     """easympt's greedy tokens after a `length`-token prompt equal the numpy reference's?"""
     import tempfile
@@ -122,8 +155,18 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-dtype", default=None, help="KV-cache dtype (default: float32, the compute dtype)")
     ap.add_argument("--reference", type=int, default=None, metavar="N",
                     help="only check greedy tokens after an N-token prompt against the numpy reference")
+    ap.add_argument("--kv-compare", default=None, metavar="N,N",
+                    help="only time decode after N-token prompts with a float32 and a bfloat16 cache, in turns")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.kv_compare:
+        rows = [kv_compare(int(n), args.geometry) for n in args.kv_compare.split(",")]
+        for r in rows:
+            print(f"{r['length']:>6} tokens: decode {r['decode_tok_s_float32']:.1f} tok/s with a float32 cache, "
+                  f"{r['decode_tok_s_bfloat16']:.1f} with a bfloat16 one "
+                  f"({r['decode_tok_s_bfloat16'] / r['decode_tok_s_float32']:.2f}x; timed in turns)", flush=True)
+        print(json.dumps({"bench": "long_context_kv_compare", "geometry": args.geometry, "runs": rows}))
+        return 0
     if args.reference:
         r = reference_check(args.reference, args.chunk)
         print(f"{r['length']} tokens: easympt {r['easympt']} ({r['easympt_s']:.1f} s), reference {r['reference']} "
