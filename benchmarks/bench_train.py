@@ -4,7 +4,8 @@ transformers' MptForCausalLM, same weights, batch, sequence length and optimizer
     python benchmarks/bench_train.py [--geometry mpt-125m] [--batch 4] [--seq-len 256] [--steps 4]
 
 Both sides run AdamW with global-norm clipping in float32 on random tokens;
-the peer (benchmarks/peers.py transformers-train) runs in a child process with the same thread count. On a GPU both
+the peer (benchmarks/peers.py transformers-train) runs in a child process with the same thread count,
+and the two are timed in turns, one step each (1 warm-up step, median of --steps). On a GPU both
 keep float32 weights and compute in bf16 (easympt's GPU default; torch autocast). Prints a table
 and one JSON line.
 """
@@ -12,6 +13,7 @@ and one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,7 +22,9 @@ import time
 
 import numpy as np
 
-from peers import run_peer
+from peers import Peer
+from timing import SETTLE_S
+
 
 def step_flops(config, batch: int, seq: int) -> float:
     """Matmul FLOPs of one training step: 3x the forward (weights, LM head, QK^T and PV over the full square)."""
@@ -78,15 +82,28 @@ def main() -> int:
         tc = TrainConfig(output_dir=os.path.join(tmp, "run"), seq_len=args.seq_len, batch_size=args.batch,
                          max_steps=args.steps + 2, save_every=10**9, learning_rate=1e-4, warmup_steps=1)
         trainer = Trainer(model, model.params, rows, tc)
-        t0 = time.perf_counter()
-        trainer.train(stop_at=1)  # compile + first step
-        compile_s = time.perf_counter() - t0
-        times = []
-        for i in range(args.steps):
+        with contextlib.ExitStack() as stack:
+            peer = None
+            if not args.skip_torch:
+                from easympt.transform import mpt_to_pretrained
+
+                path = mpt_to_pretrained(model.params, config, os.path.join(tmp, "hf"))
+                peer = stack.enter_context(Peer("transformers-train", path, "--batch", str(args.batch),
+                                                "--seq-len", str(args.seq_len)))
             t0 = time.perf_counter()
-            trainer.train(stop_at=i + 2)
-            jax.block_until_ready(trainer.params)
-            times.append(time.perf_counter() - t0)
+            trainer.train(stop_at=1)  # compile + first step
+            compile_s = time.perf_counter() - t0
+            peer_first = peer.request() if peer else None  # its warm-up step
+            times, peer_times = [], []
+            for i in range(args.steps):  # one step each, in turns
+                time.sleep(SETTLE_S)
+                t0 = time.perf_counter()
+                trainer.train(stop_at=i + 2)
+                jax.block_until_ready(trainer.params)
+                times.append(time.perf_counter() - t0)
+                if peer:
+                    time.sleep(SETTLE_S)
+                    peer_times.append(peer.request()["seconds"])
         ours = {"step_s": float(np.median(times)), "compile_and_first_step_s": compile_s}
         ours["tokens_per_s"] = tokens_per_step / ours["step_s"]
         flops = step_flops(config, args.batch, args.seq_len)
@@ -95,16 +112,12 @@ def main() -> int:
         result = {"geometry": args.geometry, "batch": args.batch, "seq_len": args.seq_len,
                   "backend": jax.default_backend(), "step_gflop": flops / 1e9, "matmul_peak_gflop_s": peak / 1e9,
                   "easympt": ours}
-        if not args.skip_torch:
-            from easympt.transform import mpt_to_pretrained
-
-            path = mpt_to_pretrained(model.params, config, os.path.join(tmp, "hf"))
-            peer = run_peer("transformers-train", path, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-                            "--steps", str(args.steps))
-            peer["tokens_per_s"] = tokens_per_step / peer["step_s"]
-            peer["fraction_of_matmul_peak"] = flops / peer["step_s"] / peak
-            result["transformers"] = peer
-            result["ratio_tokens_per_s"] = ours["tokens_per_s"] / peer["tokens_per_s"]
+        if peer:
+            theirs = {**peer.info, "step_s": float(np.median(peer_times)), "loss0": peer_first["loss"]}
+            theirs["tokens_per_s"] = tokens_per_step / theirs["step_s"]
+            theirs["fraction_of_matmul_peak"] = flops / theirs["step_s"] / peak
+            result["transformers"] = theirs
+            result["ratio_tokens_per_s"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
     print(f"{'':28s}{'easympt':>10s}{'transformers':>14s}{'ratio':>8s}")
     peer = result.get("transformers", {})
     print(f"{'train tokens/s':28s}{ours['tokens_per_s']:10.1f}{peer.get('tokens_per_s', float('nan')):14.1f}"

@@ -1,18 +1,18 @@
 """The peers easympt's benchmarks run beside it, each as its users run it, on the same checkpoint.
 
 Every peer runs in a child process of the benchmark (JAX's thread pool cannot slow it down; it gets
-the machine's threads). A generation peer stays up and is timed in turns with easympt (`Peer`,
-timing.decode_figures): it prints one JSON line when it is ready ({"keys": the prompt sets it
-decodes, ...} or {"skipped": why}), then answers each request line {"key": "b1", "n_new": 128}
-with {"seconds": its own timing of that run, "tokens": greedy ids}. The training peer runs once and
-prints one JSON line, which `run_peer` returns:
+the machine's threads) and stays up, so that the benchmark times it in turns with easympt (`Peer`;
+timing.decode_figures): it prints one JSON line when it is ready ({"skipped": why} when it cannot
+run here), then answers each request line with one reply line, timed in the child. A generation
+peer answers {"key": "b1", "n_new": 128} with {"seconds", "tokens": greedy ids}; the training peer
+answers {} with one optimizer step's {"seconds", "loss"}.
 
     python benchmarks/peers.py transformers-generate CKPT --prompts FILE [--dtype float32]
         PyTorch MptForCausalLM.generate with its KV cache on (`use_cache=True`: transformers'
         MptConfig defaults to False) under torch.inference_mode(), greedy, batch 1 and 8.
     python benchmarks/peers.py llama-cpp CKPT --prompts FILE --llama-cpp-src DIR [--outtype f32]
         llama.cpp (llama-cpp-python) on a GGUF written from the checkpoint (llama_cpp_peer.py), batch 1.
-    python benchmarks/peers.py transformers-train CKPT --batch 4 --seq-len 256 --steps 4
+    python benchmarks/peers.py transformers-train CKPT --batch 4 --seq-len 256
         a plain PyTorch loop: AdamW + global-norm clipping, float32 weights (bf16 autocast on a GPU,
         as easympt computes in bf16 there).
 
@@ -60,18 +60,10 @@ def write_prompts(path: str, prompts: dict) -> str:
     return path
 
 
-def run_peer(*args: str) -> dict:
-    """One peer in a child process (arguments as on the command line above): its JSON line."""
-    child = subprocess.run([sys.executable, os.path.join(HERE, "peers.py"), *args], capture_output=True, text=True)
-    if child.returncode != 0:
-        raise RuntimeError(f"peer {args[0]} failed:\n{child.stderr[-3000:]}")
-    return json.loads(child.stdout.strip().splitlines()[-1])
-
-
 class Peer:
-    """A generation peer's child process, kept up so that the benchmark can time it in turns with
-    easympt: `peer(key, n_new)` -> (seconds, greedy tokens), timed in the child; `info` is its ready
-    line ({"skipped": why} when it cannot run here)."""
+    """A peer's child process, kept up so that the benchmark can time it in turns with easympt:
+    `peer(key, n_new)` -> (seconds, greedy tokens) for a generation peer, `peer.request()` -> the
+    reply dict for any; `info` is its ready line ({"skipped": why} when it cannot run here)."""
 
     def __init__(self, *args: str):
         self.name = args[0]
@@ -88,10 +80,13 @@ class Peer:
             raise RuntimeError(f"peer {self.name} failed:\n{self._stderr.read()[-3000:]}")
         return json.loads(line)
 
-    def __call__(self, key: str, n_new: int) -> tuple[float, list]:
-        self.proc.stdin.write(json.dumps({"key": key, "n_new": n_new}) + "\n")
+    def request(self, **fields) -> dict:
+        self.proc.stdin.write(json.dumps(fields) + "\n")
         self.proc.stdin.flush()
-        answer = self._answer()
+        return self._answer()
+
+    def __call__(self, key: str, n_new: int) -> tuple[float, list]:
+        answer = self.request(key=key, n_new=n_new)
         return answer["seconds"], answer["tokens"]
 
     def close(self) -> None:
@@ -111,18 +106,30 @@ class Peer:
 
 
 def serve(start) -> None:
-    """The child's side of `Peer`: `start()` -> (run(key, n_new) -> tokens, ready line). Replies go to the
-    process's real stdout; anything a library prints there (C code included) goes to stderr instead."""
+    """The child's side of `Peer`: `start()` -> (answer(request dict) -> reply dict, ready line). Replies
+    go to the process's real stdout; anything a library prints there (C code included) goes to
+    stderr instead."""
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    run, ready = start()
+    answer, ready = start()
     print(json.dumps(ready), file=replies, flush=True)
     if "skipped" in ready:
         return
     for line in sys.stdin:
-        request = json.loads(line)
+        print(json.dumps(answer(json.loads(line))), file=replies, flush=True)
+
+
+def generation(start):
+    """`start` for a generation peer whose own `start()` gives (run(key, n_new) -> tokens, ready line)."""
+    run, ready = start()
+    if run is None:
+        return None, ready
+
+    def answer(request):
         seconds, tokens = timed(run, request["key"], request["n_new"])
-        print(json.dumps({"seconds": seconds, "tokens": tokens}), file=replies, flush=True)
+        return {"seconds": seconds, "tokens": tokens}
+
+    return answer, ready
 
 
 # ------------------------------------------------------------------ transformers
@@ -152,7 +159,8 @@ def transformers_generate(ckpt: str, prompts: dict, dtype: str):
     return run, {"keys": ["b1", "b8"], "threads": torch.get_num_threads(), "device": device, "dtype": dtype}
 
 
-def transformers_train(ckpt: str, batch: int, seq_len: int, steps: int) -> dict:
+def transformers_train(ckpt: str, batch: int, seq_len: int):
+    """(answer, ready line) for `serve`: each request runs and times one optimizer step."""
     import torch
     from transformers import MptForCausalLM
 
@@ -164,8 +172,8 @@ def transformers_train(ckpt: str, batch: int, seq_len: int, steps: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=gpu)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
-    times, losses = [], []
-    for _ in range(steps + 1):  # the first step warms up
+
+    def step(request):
         t0 = time.perf_counter()
         with amp:
             out = model(input_ids=ids, labels=ids)
@@ -175,10 +183,9 @@ def transformers_train(ckpt: str, batch: int, seq_len: int, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         if gpu:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        losses.append(float(out.loss))
-    return {"step_s": float(np.median(times[1:])), "threads": torch.get_num_threads(), "loss0": losses[0],
-            "device": device}
+        return {"seconds": time.perf_counter() - t0, "loss": float(out.loss)}
+
+    return step, {"threads": torch.get_num_threads(), "device": device}
 
 
 # --------------------------------------------------------------------- command line
@@ -193,7 +200,6 @@ def main() -> int:
     train.add_argument("ckpt")
     train.add_argument("--batch", type=int, default=4)
     train.add_argument("--seq-len", type=int, default=256)
-    train.add_argument("--steps", type=int, default=4)
     llama = sub.add_parser("llama-cpp")
     llama.add_argument("ckpt")
     llama.add_argument("--prompts", required=True)
@@ -202,16 +208,17 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.peer == "transformers-train":
-        print(json.dumps(transformers_train(args.ckpt, args.batch, args.seq_len, args.steps)))
+        serve(lambda: transformers_train(args.ckpt, args.batch, args.seq_len))
         return 0
     prompts = json.load(open(args.prompts))
     if args.peer == "transformers-generate":
-        serve(lambda: transformers_generate(args.ckpt, prompts, args.dtype))
+        serve(lambda: generation(lambda: transformers_generate(args.ckpt, prompts, args.dtype)))
         return 0
     import llama_cpp_peer
 
     with tempfile.TemporaryDirectory() as tmp:  # the GGUF lives as long as the peer
-        serve(lambda: llama_cpp_peer.start(args.ckpt, prompts, args.llama_cpp_src, args.outtype, tmp))
+        serve(lambda: generation(lambda: llama_cpp_peer.start(args.ckpt, prompts, args.llama_cpp_src, args.outtype,
+                                                              tmp)))
     return 0
 
 

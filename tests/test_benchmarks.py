@@ -70,11 +70,11 @@ def test_llama_cpp_peer_says_why_it_is_skipped(tmp_path):
 def test_a_failing_peer_is_an_error_that_shows_its_stderr(tmp_path):
     sys.path.insert(0, BENCH)
     try:
-        from peers import Peer, run_peer
+        from peers import Peer
     finally:
         sys.path.remove(BENCH)
     with pytest.raises(RuntimeError, match="transformers-train failed"):
-        run_peer("transformers-train", str(tmp_path / "missing-checkpoint"), "--steps", "1")
+        Peer("transformers-train", str(tmp_path / "missing-checkpoint"))
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({"b1": [[1, 2, 3]], "b8": [[1, 2, 3]] * 8, "long": [[1, 2, 3]]}))
     with pytest.raises(RuntimeError, match="transformers-generate failed(.|\n)*missing-checkpoint"):
