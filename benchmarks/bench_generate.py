@@ -219,7 +219,8 @@ def main() -> int:
           f"after {PROMPT}: {ours['decode_only_tok_s_b1']:.1f} ({result['context_2048_over_short_b1']:.2f}x; "
           "decode dispatches alone, timed from a finished prefill)")
     print(f"  with a bfloat16 KV cache: {ours['decode_only_tok_s_b1_ctx2048_bf16_cache']:.1f} / "
-          f"{ours['decode_only_tok_s_b1_bf16_cache']:.1f} tok/s ({result['context_2048_over_short_b1_bf16_cache']:.2f}x); "
+          f"{ours['decode_only_tok_s_b1_bf16_cache']:.1f} tok/s "
+          f"({result['context_2048_over_short_b1_bf16_cache']:.2f}x); "
           f"its greedy tokens vs the float32 cache's: {result['bf16_cache_greedy_match_b1']}")
     if "transformers" in result:
         t = result["transformers"]
@@ -233,10 +234,10 @@ def main() -> int:
         print(f"llama.cpp {outtype}: decode b1 {peer['decode_tok_s_b1']:.1f} tok/s (easympt "
               f"{peer['ratio_decode_b1']:.2f}x), TTFT 512 {peer['ttft_512_s']:.3f} s (easympt's is "
               f"{peer['ratio_ttft']:.2f}x of it), same greedy tokens {peer['greedy_match_b1']}")
-    spreads = [f"{name} {k[7:]} {100 * v:.0f}%" for name, fig in
-               [("easympt", ours), *(("transformers", theirs),), *((f"llama.cpp {t}", p) for t, p in
-                                                                   result.get("llama_cpp", {}).items() if t != "skipped")]
-               for k, v in fig.items() if k.startswith("spread_")]
+    systems = [("easympt", ours), ("transformers", theirs),
+               *((f"llama.cpp {t}", p) for t, p in result.get("llama_cpp", {}).items() if t != "skipped")]
+    spreads = [f"{name} {k[7:]} {100 * v:.0f}%" for name, fig in systems for k, v in fig.items()
+               if k.startswith("spread_")]
     print(f"spread of the timed {NEW}-token runs ((max - min) / median): {', '.join(spreads)}")
     for b in ("b1", "b8"):
         ours.pop(f"greedy_{b}", None)

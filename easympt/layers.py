@@ -235,7 +235,8 @@ class MptAttention(MptModule):
         dropout = None
         if c.attn_config.attn_pdrop and not deterministic:
             dropout = lambda p: nn.Dropout(c.attn_config.attn_pdrop)(p, deterministic=False)  # noqa: E731
-        if self.cpu_kernels and layer_cache is not None and not windowed and cpu_kernels.decodes(q, keys, mask, dropout):
+        kernel = self.cpu_kernels and layer_cache is not None and not windowed
+        if kernel and cpu_kernels.decodes(q, keys, mask, dropout):
             out = cpu_kernels.decode_attention(q, keys, values, mask, slopes, scale)  # reads the slots rows hold
         else:
             out = attend(q, readable(keys), readable(values), mask, slopes, scale, self.precision, self.dtype, dropout,

@@ -298,7 +298,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
 ffi::Error PackedMatmul(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>) {
   return ffi::Error::Internal("easympt_packed_matmul is built for x86-64 only");
 }
-ffi::Error DecodeAttention(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::AnyBuffer, ffi::AnyBuffer, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::PRED>, ffi::Buffer<ffi::F32>, float,
+ffi::Error DecodeAttention(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::AnyBuffer, ffi::AnyBuffer,
+                           ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::PRED>, ffi::Buffer<ffi::F32>, float,
                            ffi::ResultBuffer<ffi::F32>) {
   return ffi::Error::Internal("easympt_decode_attention is built for x86-64 only");
 }
