@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -36,7 +37,7 @@ from easympt.dtypes import resolve_dtype
 from easympt.generation import GenerationEngine, SamplingConfig
 from easympt.transform import mpt_from_pretrained
 from peers import Peer, write_checkpoint, write_prompts
-from timing import NEW, SETTLE_S, decode_figures, median_time, same_tokens, timed
+from timing import NEW, decode_figures, in_turns, median_time, same_tokens, timed
 
 PROMPT, LONG_PROMPT, CONTEXT = 32, 512, 2048
 
@@ -87,18 +88,12 @@ def decode_only_tok_s(runs: dict, reps: int = 3) -> dict:
     def once(engine, prompts):
         _, state = _prefilled(engine, prompts, NEW)
         jax.block_until_ready(state)
-        time.sleep(SETTLE_S)
         t0 = time.perf_counter()
         _, outs = _decode(engine, state, NEW)
         n = sum(int((np.asarray(o) >= 0).sum()) for o in outs)
         return n / (time.perf_counter() - t0)
 
-    rates = {name: [] for name in runs}
-    for rnd in range(reps + 1):
-        for name, (engine, prompts) in runs.items():
-            r = once(engine, prompts)
-            if rnd:
-                rates[name].append(r)
+    rates = in_turns({name: functools.partial(once, *run) for name, run in runs.items()}, reps)
     return {name: float(np.median(r)) for name, r in rates.items()}
 
 

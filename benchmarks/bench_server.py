@@ -25,6 +25,8 @@ import time
 
 import httpx
 
+from timing import in_turns
+
 
 def pct(xs, q):
     if not xs:
@@ -166,11 +168,8 @@ def main() -> int:
         plain = asyncio.run(plain_step(server.url, args.max_tokens))
         # 16 streaming clients against 16 plain ones, in turns (3 rounds, medians): a change in the
         # machine's speed during the run falls on both
-        rounds = {True: [], False: []}
-        for _ in range(3):
-            for stream in (True, False):
-                rounds[stream].append(asyncio.run(load(server.url, 16, args.requests_per_client, args.max_tokens,
-                                                       stream=stream))["tok_s"])
+        rounds = in_turns({s: lambda s=s: asyncio.run(load(server.url, 16, args.requests_per_client, args.max_tokens,
+                                                           stream=s))["tok_s"] for s in (True, False)}, 3, warmup=0)
         stream16, plain16 = (statistics.median(rounds[s]) for s in (True, False))
         one = result["load"][0]
         result["streaming"] = {

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from peers import Peer
-from timing import SETTLE_S
+from timing import in_turns
 
 
 def step_flops(config, batch: int, seq: int) -> float:
@@ -94,17 +94,16 @@ def main() -> int:
             trainer.train(stop_at=1)  # compile + first step
             compile_s = time.perf_counter() - t0
             peer_first = peer.request() if peer else None  # its warm-up step
-            times, peer_times = [], []
-            for i in range(args.steps):  # one step each, in turns
-                time.sleep(SETTLE_S)
+
+            def our_step():
                 t0 = time.perf_counter()
-                trainer.train(stop_at=i + 2)
+                trainer.train(stop_at=trainer.step + 1)
                 jax.block_until_ready(trainer.params)
-                times.append(time.perf_counter() - t0)
-                if peer:
-                    time.sleep(SETTLE_S)
-                    peer_times.append(peer.request()["seconds"])
-        ours = {"step_s": float(np.median(times)), "compile_and_first_step_s": compile_s}
+                return time.perf_counter() - t0
+
+            steps = {"easympt": our_step, **({"transformers": lambda: peer.request()["seconds"]} if peer else {})}
+            times = in_turns(steps, args.steps, warmup=0)  # one step each, in turns
+        ours = {"step_s": float(np.median(times["easympt"])), "compile_and_first_step_s": compile_s}
         ours["tokens_per_s"] = tokens_per_step / ours["step_s"]
         flops = step_flops(config, args.batch, args.seq_len)
         peak = matmul_peak_flops()
@@ -113,7 +112,7 @@ def main() -> int:
                   "backend": jax.default_backend(), "step_gflop": flops / 1e9, "matmul_peak_gflop_s": peak / 1e9,
                   "easympt": ours}
         if peer:
-            theirs = {**peer.info, "step_s": float(np.median(peer_times)), "loss0": peer_first["loss"]}
+            theirs = {**peer.info, "step_s": float(np.median(times["transformers"])), "loss0": peer_first["loss"]}
             theirs["tokens_per_s"] = tokens_per_step / theirs["step_s"]
             theirs["fraction_of_matmul_peak"] = flops / theirs["step_s"] / peak
             result["transformers"] = theirs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -21,6 +22,21 @@ def median_time(fn, reps=3, warmup=1):
     return statistics.median(times)
 
 
+def in_turns(runs: dict, rounds: int, warmup: int = 1) -> dict[str, list]:
+    """Call every run (name -> no-argument callable) in turn, `warmup` rounds and then `rounds` rounds,
+    each after a pause of SETTLE_S: name -> the timed rounds' results. Taken in turns, a change in the
+    machine's speed during the measurement (this VM's memory bandwidth moves by a third between
+    minutes) falls on every run alike instead of on whichever ran then."""
+    results: dict[str, list] = {name: [] for name in runs}
+    for rnd in range(warmup + rounds):
+        for name, run in runs.items():
+            time.sleep(SETTLE_S)
+            out = run()
+            if rnd >= warmup:
+                results[name].append(out)
+    return results
+
+
 def timed(run, key: str, n_new: int) -> tuple[float, list]:
     """(seconds, greedy tokens) of one `run(key, n_new)`: how a system times itself, in its own process."""
     t0 = time.perf_counter()
@@ -33,9 +49,8 @@ def decode_figures(systems: dict, keys: dict[str, tuple[str, ...]], reps: int = 
 
     systems: name -> `timed_run(key, n_new)` giving (seconds, greedy tokens) for the prompt set `key`
     ("b1", "b8": decode; "long": the 512-token prompt); keys: name -> the decode sets it runs. Every
-    measurement (a prompt set and a number of new tokens) is taken from each system in turn, 1 warm-up
-    and `reps` rounds, so a change in the machine's speed during the run (this VM's memory bandwidth
-    moves by a third between minutes) falls on every system alike instead of on whichever ran then.
+    measurement (a prompt set and a number of new tokens) is taken from each system in turn
+    (`in_turns`: 1 warm-up and `reps` rounds).
 
     decode tok/s = B * (NEW - 1) / (t(NEW new) - t(1 new)) (prefill and the first token cancel out); step
     growth = the second half's time per step over the first half's (about 1 when the system keeps a KV
@@ -45,16 +60,12 @@ def decode_figures(systems: dict, keys: dict[str, tuple[str, ...]], reps: int = 
     tokens: dict[str, dict] = {name: {} for name in systems}
     plan = [(k, n) for k in ("b1", "b8") for n in (NEW, NEW // 2, 1)] + [("long", 1)]
     for key, n in plan:
-        for rnd in range(reps + 1):
-            for name, run in systems.items():
-                if key != "long" and key not in keys[name]:
-                    continue
-                time.sleep(SETTLE_S)
-                t, toks = run(key, n)
-                if rnd:
-                    times[name].setdefault((key, n), []).append(t)
-                if n == NEW:
-                    tokens[name][key] = toks
+        runs = {name: functools.partial(run, key, n) for name, run in systems.items()
+                if key == "long" or key in keys[name]}
+        for name, results in in_turns(runs, reps).items():
+            times[name][(key, n)] = [t for t, _ in results]
+            if n == NEW:
+                tokens[name][key] = results[-1][1]
     out = {}
     for name in systems:
         med = {kn: statistics.median(ts) for kn, ts in times[name].items()}
