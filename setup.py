@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import platform
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -16,16 +17,28 @@ class BuildWithXlaHeaders(build_ext):
         super().build_extensions()
 
 
+def cpu_kernel_extensions() -> list[Extension]:
+    """easympt's CPU kernels (easympt/kernels/cpu.py): one C++ source compiled into a shared library per
+    instruction set, loaded with ctypes and registered as XLA FFI targets; the best one the CPU runs is
+    picked at run time, so a wheel built on one x86-64 CPU runs right on another. Optional: without a
+    compiler easympt installs and uses XLA's dot."""
+    flags = {"portable": []}  # the compiler's baseline: SSE2 on x86-64, NEON on aarch64
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags["avx2"] = ["-mavx2", "-mfma", "-mf16c"]  # x86-64-v3
+        flags["avx512"] = ["-mavx512f", "-mavx2", "-mfma", "-mf16c"]
+    return [Extension(f"easympt.kernels._cpu_{isa}", [f"easympt/kernels/csrc/cpu_{isa}.cc"], language="c++",
+                      depends=["easympt/kernels/csrc/cpu_kernels.inc"],
+                      extra_compile_args=["-O3", "-std=c++17", "-Wno-attributes", "-Wno-return-type", *isa_flags],
+                      optional=True)
+            for isa, isa_flags in flags.items()]
+
+
 # transform/ and serve/ live at the top of the repository but install as
 # easympt.transform and easympt.serve: nothing imports a bare `transform`.
 setup(
-    packages=["easympt", "easympt.generation", "easympt.training", "easympt.transform", "easympt.serve"],
+    packages=["easympt", "easympt.generation", "easympt.kernels", "easympt.training", "easympt.transform", "easympt.serve"],
     package_dir={"easympt": "easympt", "easympt.transform": "transform", "easympt.serve": "serve"},
     package_data={"easympt": ["demo_model/*"]},  # the bundled demo model (HF format)
-    # easympt's CPU decode kernel (easympt/cpu_kernels.py): a shared library loaded with ctypes and
-    # registered as an XLA FFI target. Optional: without a compiler easympt installs and uses XLA's dot.
-    ext_modules=[Extension("easympt._cpu_kernels", ["easympt/csrc/cpu_kernels.cc"], language="c++",
-                           extra_compile_args=["-O3", "-std=c++17", "-Wno-attributes", "-Wno-return-type"],
-                           optional=True)],
+    ext_modules=cpu_kernel_extensions(),
     cmdclass={"build_ext": BuildWithXlaHeaders},
 )

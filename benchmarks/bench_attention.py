@@ -19,10 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easympt.attention import AttentionMask, blockwise_attention, dense_attention
+from easympt.kernels.blockwise import blockwise_attention
+from easympt.kernels.dense_attention import dense_attention
+from easympt.kernels.mask import AttentionMask
 from easympt.dtypes import default_compute_dtype
 from easympt.layers import alibi_slopes
-from easympt.pallas_attention import pallas_attention
+from easympt.kernels.pallas_attention import pallas_attention
 from timing import median_time
 
 DENSE_MAX = 8192  # [H, T, T] float32 scores beyond this do not fit comfortably

@@ -1,15 +1,18 @@
-"""easympt's CPU kernels against XLA on the same inputs, in one process: the weight products of
-twelve mpt-125m layers (batch 1, 8, 16), single products of prompt size, and twelve layers of
-decode attention (rows holding part of the cache). Medians of interleaved runs.
+"""easympt's CPU kernels against XLA on the same inputs, in one process, for every instruction set
+built for this CPU (AVX-512, AVX2, portable; easympt.kernels.cpu): the weight products of twelve
+mpt-125m layers (batch 1, 2, 4, 8, 16), single products of prompt size, and twelve layers of decode
+attention (rows holding part of the cache). Medians of runs taken in turns; GB/s against the
+machine's measured read bandwidth (the roofline of a decode step).
 
-    python benchmarks/profile_cpu_kernels.py [--reps 20]
+    python benchmarks/profile_cpu_kernels.py [--reps 20] [--isa avx2,portable]
 
-Prints a table and one JSON line. Needs the kernels (x86-64 with AVX-512F).
+Prints a table and one JSON line. Needs the kernels (a C++ compiler at install).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -18,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easympt import cpu_kernels
-from easympt.attention import AttentionMask, dense_attention
+from easympt.kernels import cpu
+from easympt.kernels.dense_attention import dense_attention
+from easympt.kernels.mask import AttentionMask
 from easympt.layers import alibi_slopes
 
 E, F, LAYERS, HEADS = 768, 3072, 12, 12
@@ -38,11 +42,18 @@ def interleaved(fns: dict, args: dict, reps: int) -> dict:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def layer_products(reps: int) -> list[dict]:
+def memory_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Best read bandwidth (bytes/s) of a jitted reduction over a large array."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    return nbytes / min(interleaved({"sum": f}, {"sum": (x,)}, 5)["sum"] for _ in range(2))
+
+
+def layer_products(reps: int, isas) -> list[dict]:
     rng = np.random.default_rng(0)
     shapes = [(E, 3 * E), (E, E), (E, F), (F, E)]
     plain = [[jnp.asarray(rng.standard_normal(s, np.float32) * 0.02) for s in shapes] for _ in range(LAYERS)]
-    packed = [[cpu_kernels.pack(w) for w in layer] for layer in plain]
+    packed = [[cpu.pack(w) for w in layer] for layer in plain]
     nbytes = sum(w.size * 4 for layer in plain for w in layer)
 
     def chain(mm):
@@ -54,24 +65,33 @@ def layer_products(reps: int) -> list[dict]:
             return x
         return jax.jit(f)
 
-    fns = {"xla": chain(lambda x, w, n: x @ w), "kernel": chain(cpu_kernels.packed_matmul)}
+    fns = {"xla": chain(lambda x, w, n: x @ w),
+           **{isa: chain(functools.partial(cpu.packed_matmul, isa=isa)) for isa in isas}}
     rows = []
-    for B in (1, 8, 16):
+    for B in (1, 2, 4, 8, 16):
         x = jnp.full((B, E), 0.1, jnp.float32)
-        t = interleaved(fns, {"xla": (plain, x), "kernel": (packed, x)}, reps)
-        rows.append({"what": f"12 layers' weight products, batch {B}", "xla_ms": t["xla"] * 1e3,
-                     "kernel_ms": t["kernel"] * 1e3, "kernel_gb_s": nbytes / t["kernel"] / 1e9})
+        t = interleaved(fns, {name: (plain if name == "xla" else packed, x) for name in fns}, reps)
+        rows.append(_row(f"12 layers' weight products, batch {B}", t, nbytes))
     w = jnp.asarray(rng.standard_normal((E, F), np.float32) * 0.02)
-    fns = {"xla": jax.jit(lambda x, w: x @ w), "kernel": jax.jit(lambda x, w: cpu_kernels.packed_matmul(x, w, F))}
+    fns = {"xla": jax.jit(lambda x, w: x @ w),
+           **{isa: jax.jit(functools.partial(lambda x, w, isa: cpu.packed_matmul(x, w, F, isa), isa=isa))
+              for isa in isas}}
     for M in (512, 2048):
         x = jnp.asarray(rng.standard_normal((M, E), np.float32))
-        t = interleaved(fns, {"xla": (x, w), "kernel": (x, cpu_kernels.pack(w))}, reps)
-        rows.append({"what": f"[{M}, {E}] x [{E}, {F}] (a prompt)", "xla_ms": t["xla"] * 1e3,
-                     "kernel_ms": t["kernel"] * 1e3, "kernel_gb_s": None})
+        t = interleaved(fns, {name: (x, w if name == "xla" else cpu.pack(w)) for name in fns}, reps)
+        rows.append(_row(f"[{M}, {E}] x [{E}, {F}] (a prompt)", t, None))
     return rows
 
 
-def attention(reps: int) -> list[dict]:
+def _row(what: str, seconds: dict, nbytes: int | None) -> dict:
+    """A table row: ms per system and, for a read-bound step, the GB/s each reached."""
+    row = {"what": what, **{f"{name}_ms": t * 1e3 for name, t in seconds.items()}}
+    if nbytes:
+        row.update({f"{name}_gb_s": nbytes / t / 1e9 for name, t in seconds.items()})
+    return row
+
+
+def attention(reps: int, isas) -> list[dict]:
     rows = []
     slopes = jnp.asarray(alibi_slopes(HEADS)).reshape(HEADS, 1)
     for B, S, held in ((8, 256, 96), (1, 2304, 2100), (1, 65536, 1000)):
@@ -92,29 +112,35 @@ def attention(reps: int) -> list[dict]:
                 return total
             return jax.jit(f)
 
-        fns = {"xla": layers(dense_attention), "kernel": layers(cpu_kernels.decode_attention)}
+        fns = {"xla": layers(dense_attention),
+               **{isa: layers(functools.partial(cpu.decode_attention, isa=isa)) for isa in isas}}
         t = interleaved(fns, {name: (q, kts, vs) for name in fns}, reps)
         held_bytes = LAYERS * 2 * B * HEADS * held * D * 4
-        rows.append({"what": f"12 layers' decode attention, batch {B}, {S}-slot cache, rows holding {held}",
-                     "xla_ms": t["xla"] * 1e3, "kernel_ms": t["kernel"] * 1e3,
-                     "kernel_gb_s": held_bytes / t["kernel"] / 1e9})
+        rows.append(_row(f"12 layers' decode attention, batch {B}, {S}-slot cache, rows holding {held}", t,
+                         held_bytes))
     return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--isa", default=None, help="comma-separated instruction sets (default: every one built here)")
     args = ap.parse_args()
-    if not cpu_kernels.available():
-        print("easympt's CPU kernels are not available here (not built, not x86-64 with AVX-512F, or "
-              "EASYMPT_CPU_KERNELS=0)")
+    isas = [cpu.check_isa(i) for i in args.isa.split(",")] if args.isa else list(cpu.built_isas())
+    if not isas or jax.default_backend() != "cpu":
+        print("easympt's CPU kernels are not available here (not built, or JAX not on CPU)")
         return 1
-    rows = layer_products(args.reps) + attention(args.reps)
-    print(f"{'':78s}{'XLA ms':>9s}{'kernel ms':>11s}{'kernel GB/s':>13s}")
+    bandwidth = memory_bandwidth()
+    rows = layer_products(args.reps, isas) + attention(args.reps, isas)
+    names = ["xla", *isas]
+    print(f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s; ms per system (GB/s where the step is read-bound)")
+    print(f"{'':84s}" + "".join(f"{n:>16s}" for n in names))
     for r in rows:
-        gb = f"{r['kernel_gb_s']:13.1f}" if r["kernel_gb_s"] else f"{'':13s}"
-        print(f"{r['what']:78s}{r['xla_ms']:9.2f}{r['kernel_ms']:11.2f}{gb}")
-    print(json.dumps({"backend": jax.default_backend(), "rows": rows}))
+        cells = [f"{r[f'{n}_ms']:7.2f}" + (f" ({r[f'{n}_gb_s']:5.1f})" if f"{n}_gb_s" in r else " " * 8)
+                 for n in names]
+        print(f"{r['what']:84s}" + "".join(f"{c:>16s}" for c in cells))
+    print(json.dumps({"backend": jax.default_backend(), "isas": isas, "bandwidth_gb_s": bandwidth / 1e9,
+                      "rows": rows}))
     return 0
 
 

@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easympt import cpu_kernels
-from easympt.attention import AttentionMask, attend
 from easympt.cache import readable, write_layer
 from easympt.config import MptConfig
+from easympt.kernels import cpu
+from easympt.kernels.attention import AttentionMask, attend
+from easympt.kernels.linear import dense_layer
 from easympt.sharding import constrain
 
 
@@ -111,62 +112,10 @@ def make_norm(config: MptConfig, name: str, dtype, param_dtype) -> nn.Module:
 
 
 # ---------------------------------------------------------------- base module
-def flat_tokens(fn, x):
-    """fn applied to x [..., E] as a 2-D [tokens, E] matrix, reshaped back. XLA's CPU backward of a
-    dot_general that contracts two leading dims (the kernel gradient over batch and length) runs
-    ~1.3x slower than the same product on a 2-D matrix; the reshape itself is free."""
-    y = fn(x.reshape(-1, x.shape[-1]))
-    return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-class FlatDense(nn.Dense):
-    """nn.Dense over the flattened tokens (same parameters, same result); see `flat_tokens`."""
-
-    def __call__(self, inputs):
-        return flat_tokens(super().__call__, inputs)
-
-
-class PackedDense(nn.Module):
-    """FlatDense for inference with easympt's CPU kernel: the kernel is stored in 48-column panels
-    [ceil(N/48), K, 48] (easympt.cpu_kernels), float32."""
-
-    features: int
-    use_bias: bool = True
-    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
-
-    @nn.compact
-    def __call__(self, inputs):
-        K, N = inputs.shape[-1], self.features
-        kernel = self.param("kernel", lambda rng: cpu_kernels.pack(self.kernel_init(rng, (K, N), jnp.float32)))
-        y = flat_tokens(lambda x: cpu_kernels.packed_matmul(x.astype(jnp.float32), kernel, N), inputs)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros_init(), (N,), jnp.float32)
-        return y
-
-
-class PackedEmbed(nn.Module):
-    """nn.Embed whose table [V, E] is stored packed as the tied LM head reads it ([V, E]^T in panels):
-    the head is one kernel product and a lookup gathers E values per token from the panels."""
-
-    num_embeddings: int
-    features: int
-    embedding_init: nn.initializers.Initializer = nn.initializers.normal(1.0)
-
-    def setup(self):
-        V, E = self.num_embeddings, self.features
-        self.embedding = self.param("embedding", lambda rng: cpu_kernels.pack(self.embedding_init(rng, (V, E)).T))
-
-    def __call__(self, ids):
-        return cpu_kernels.packed_rows(self.embedding, ids)
-
-    def attend(self, query):
-        return cpu_kernels.packed_matmul(query.astype(jnp.float32), self.embedding, self.num_embeddings)
-
-
 class MptModule(nn.Module):
     """Fields every MPT module carries: the config, dtypes, matmul precision and
     the mesh its activations are constrained to (None: no constraints). `cpu_kernels`: easympt's CPU
-    kernels for inference (easympt.cpu_kernels): weights in packed panels, decode attention over the
+    kernels for inference (easympt.kernels.cpu): weights in packed panels, decode attention over the
     slots rows hold; float32, set by the GenerationEngine."""
 
     config: MptConfig
@@ -174,15 +123,13 @@ class MptModule(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     precision: jax.lax.Precision | None = None
     mesh: jax.sharding.Mesh | None = None
-    attention: str = "auto"  # attention kernel: "auto" (by shape), "dense", "blockwise", "pallas" (easympt.attention)
+    attention: str = "auto"  # attention kernel: "auto" (by shape), "dense", "blockwise", "pallas" (easympt.kernels.attention)
     cpu_kernels: bool = False
 
     def dense(self, features: int, kernel_init, use_bias: bool, name: str | None = None) -> nn.Module:
-        """The model's dense layer: FlatDense, or PackedDense with packed weights."""
-        if self.cpu_kernels:
-            return PackedDense(features, use_bias=use_bias, kernel_init=kernel_init, name=name)
-        return FlatDense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                         precision=self.precision, kernel_init=kernel_init, name=name)
+        """The model's dense layer for its weight layout (easympt.kernels.linear)."""
+        return dense_layer(features, kernel_init=kernel_init, use_bias=use_bias, packed=self.cpu_kernels,
+                           dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name=name)
 
 
 # ------------------------------------------------------------------- attention
@@ -236,8 +183,8 @@ class MptAttention(MptModule):
         if c.attn_config.attn_pdrop and not deterministic:
             dropout = lambda p: nn.Dropout(c.attn_config.attn_pdrop)(p, deterministic=False)  # noqa: E731
         kernel = self.cpu_kernels and layer_cache is not None and not windowed
-        if kernel and cpu_kernels.decodes(q, keys, mask, dropout):
-            out = cpu_kernels.decode_attention(q, keys, values, mask, slopes, scale)  # reads the slots rows hold
+        if kernel and cpu.decodes(q, keys, mask, dropout):
+            out = cpu.decode_attention(q, keys, values, mask, slopes, scale)  # reads the slots rows hold
         else:
             out = attend(q, readable(keys), readable(values), mask, slopes, scale, self.precision, self.dtype, dropout,
                          impl=self.attention)

@@ -16,9 +16,9 @@ import optax
 from easympt.cache import KVCache, write_rows
 from easympt.config import MptConfig
 from easympt.dtypes import default_compute_dtype, resolve_dtype
-from easympt.attention import ATTENTION_KERNELS, AttentionMask
-from easympt.layers import (MptAttention, MptFFN, MptModule, PackedEmbed, flat_tokens, initializers, make_norm,
-                            ordered_after)
+from easympt.kernels.attention import ATTENTION_KERNELS, AttentionMask
+from easympt.kernels.linear import embedding_layer, flat_tokens
+from easympt.layers import MptAttention, MptFFN, MptModule, initializers, make_norm, ordered_after
 from easympt.sharding import constrain
 
 
@@ -50,11 +50,8 @@ class MptTransformer(MptModule):
     def setup(self):
         c = self.config
         _, _, emb_init = initializers(c)
-        if self.cpu_kernels:
-            self.wte = PackedEmbed(c.vocab_size, c.d_model, embedding_init=emb_init)
-        else:
-            self.wte = nn.Embed(c.vocab_size, c.d_model, embedding_init=emb_init, dtype=self.dtype,
-                                param_dtype=self.param_dtype)
+        self.wte = embedding_layer(c.vocab_size, c.d_model, embedding_init=emb_init, packed=self.cpu_kernels,
+                                   dtype=self.dtype, param_dtype=self.param_dtype)
         if c.uses_learned_pos_emb:
             self.wpe = nn.Embed(c.max_seq_len, c.d_model, embedding_init=emb_init, dtype=self.dtype,
                                 param_dtype=self.param_dtype)
@@ -218,7 +215,7 @@ class FlaxMptPreTrainedModel:
                  _do_init: bool = True, input_shape=(1, 1), seed: int = 0, mesh=None, remat: bool = False,
                  attention: str = "auto"):
         """attention: "auto" (dense for short inputs, blockwise for long), "dense", "blockwise" or
-        "pallas" (easympt.pallas_attention: a Pallas kernel for accelerators, interpreted on CPU)."""
+        "pallas" (easympt.kernels.pallas_attention: a Pallas kernel for accelerators, interpreted on CPU)."""
         if attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION_KERNELS)}")
         self.config = config

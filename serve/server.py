@@ -9,7 +9,7 @@ import time
 
 import jax
 
-from easympt import cpu_kernels
+from easympt.kernels import linear
 from easympt.distributed import is_leader
 from easympt.dtypes import resolve_dtype
 from easympt.generation.engine import GenerationEngine
@@ -79,7 +79,7 @@ class JAXServer:
         server.engine = GenerationEngine(model, params, max_length=cfg.max_length,
                                          max_compile_tokens=cfg.max_compile_tokens, prefill_chunk=cfg.prefill_chunk,
                                          kv_dtype=None if cfg.kv_dtype == "auto" else cfg.kv_dtype)
-        del params  # on CPU the engine holds a packed copy (easympt.cpu_kernels): keep only that one
+        del params  # on CPU the engine holds a packed copy (easympt.kernels.cpu): keep only that one
         eos = {config_model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         eos = tuple(sorted(i for i in eos if i is not None))
         server.device_batch = DeviceBatch(server.engine, cfg.batch_size, eos)
@@ -201,12 +201,12 @@ class JAXServer:
     @property
     def params(self):
         """The model's parameters, as `self.model` takes them. On CPU the engine runs a packed copy
-        (easympt.cpu_kernels); this then builds a plain one on each access."""
+        (easympt.kernels.cpu); this then builds a plain one on each access."""
         if self.engine is None:
             return None
         if not self.engine.module.cpu_kernels:
             return self.engine.params
-        return cpu_kernels.unpack_params(self.engine.params, self.model.params_shape())
+        return linear.unpack_params(self.engine.params, self.model.params_shape())
 
     def params_devices(self):
         return sorted({d for x in jax.tree_util.tree_leaves(self.engine.params) for d in x.devices()}, key=str)

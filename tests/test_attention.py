@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from easympt.attention import AttentionMask, blockwise_attention, dense_attention
+from easympt.kernels.blockwise import blockwise_attention
+from easympt.kernels.dense_attention import dense_attention
+from easympt.kernels.mask import AttentionMask
 from easympt.layers import alibi_slopes
 
 B, K, G, D = 2, 2, 3, 8
@@ -65,7 +67,7 @@ CASES = [("causal", 37, 37), ("causal", 64, 64), ("prefix", 37, 37), ("sequence_
 
 
 def _pallas(*args, q_block, k_block):
-    from easympt.pallas_attention import pallas_attention  # Pallas interpret mode on CPU
+    from easympt.kernels.pallas_attention import pallas_attention  # Pallas interpret mode on CPU
 
     return pallas_attention(*args, q_block=q_block, k_block=k_block)
 
@@ -161,7 +163,7 @@ def test_training_gradients_equal_with_either_kernel(tmp_path):
 def test_decode_over_a_long_cache_equals_the_blockwise_kernel():
     """One query (G = 1) over LONG_DECODE_SLOTS slots: the dense kernel's multiply-and-sum path for
     the values (CPU) gives what the blockwise kernel gives."""
-    from easympt.attention import LONG_DECODE_SLOTS
+    from easympt.kernels.dense_attention import LONG_DECODE_SLOTS
 
     S = LONG_DECODE_SLOTS
     rng = np.random.default_rng(1)

@@ -1,18 +1,27 @@
-"""easympt's CPU kernel: the packed-panel product against numpy, the packed model against the plain
-one, and the engine that packs its weights on CPU."""
+"""easympt's CPU kernels: every instruction set's library (AVX-512, AVX2, portable) against numpy and
+XLA, the packed model against the plain one, the engine that packs its weights on CPU, and the run-time
+choice of instruction set."""
 
 import dataclasses
+import os
+import platform
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from easympt import FlaxMptForCausalLM, MptConfig, cpu_kernels
+from easympt import FlaxMptForCausalLM, MptConfig
 from easympt.cache import KVCache
 from easympt.generation import GenerationEngine, SamplingConfig
+from easympt.kernels import cpu, linear
+from easympt.kernels.dense_attention import dense_attention
+from easympt.kernels.mask import AttentionMask
+from easympt.layers import alibi_slopes
 
-needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="easympt's CPU kernel is not built for this CPU")
+needs_kernel = pytest.mark.skipif(not cpu.available(), reason="easympt's CPU kernels are not built here")
 
 
 def _cpu_flags() -> set[str]:
@@ -23,21 +32,40 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-def test_kernel_is_built_on_an_avx512_machine():
-    """The kernel tests below skip only where the kernel cannot exist, never because a build failed."""
-    if jax.default_backend() != "cpu" or "avx512f" not in _cpu_flags():
-        pytest.skip("not an x86-64 CPU with AVX-512F")
-    assert cpu_kernels.available(), "the optional extension easympt._cpu_kernels did not build (see pip's log)"
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+# the instruction sets this CPU runs, by /proc/cpuinfo (independent of the kernels' own cpuid check)
+CPU_ISAS = [isa for isa, flags in [("avx512", {"avx512f", "avx2", "fma"}), ("avx2", {"avx2", "fma"}),
+                                   ("portable", set())]
+            if flags <= _cpu_flags() and (X86 or isa == "portable")]
 
 
-@needs_kernel
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 17])
-@pytest.mark.parametrize("k,n", [(768, 2304), (64, 100), (16, 48), (40, 1)])
-def test_packed_matmul_equals_numpy(m, k, n):
+def _isa_param(isa):
+    """Each instruction set a test runs on: skipped, with the reason, where this CPU lacks it."""
+    missing = isa not in CPU_ISAS
+    return pytest.param(isa, marks=pytest.mark.skipif(missing, reason=f"this CPU does not run {isa}"))
+
+
+ISA_PARAMS = [_isa_param(isa) for isa in cpu.ISAS]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu" or not X86, reason="JAX not on an x86-64 CPU")
+def test_every_instruction_set_this_cpu_runs_is_built():
+    """The kernel tests skip only where an instruction set cannot run, never because a build failed:
+    on any x86-64 machine the portable and AVX2 (where the CPU has it) libraries must exist."""
+    assert set(cpu.built_isas()) == set(CPU_ISAS), (
+        f"built {cpu.built_isas()}, this CPU runs {CPU_ISAS}: an extension easympt.kernels._cpu_* did not build "
+        "(see pip's log)")
+    assert cpu.active_isa() == CPU_ISAS[0]  # the best one runs by default
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 17])
+@pytest.mark.parametrize("k,n", [(768, 2304), (64, 100), (16, 48), (40, 1), (130, 200)])
+def test_packed_matmul_equals_numpy(isa, m, k, n):
     rng = np.random.default_rng(m * 1000 + n)
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.standard_normal((k, n)).astype(np.float32)
-    got = np.asarray(jax.jit(cpu_kernels.packed_matmul, static_argnums=2)(x, cpu_kernels.pack(w), n))
+    got = np.asarray(jax.jit(cpu.packed_matmul, static_argnums=(2, 3))(x, cpu.pack(w), n, isa))
     want = x.astype(np.float64) @ w.astype(np.float64)
     assert got.shape == (m, n)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(k))
@@ -45,12 +73,12 @@ def test_packed_matmul_equals_numpy(m, k, n):
 
 def test_pack_round_trip_and_rows():
     w = jnp.asarray(np.random.default_rng(0).standard_normal((5, 100)), jnp.float32)
-    packed = cpu_kernels.pack(w)
+    packed = cpu.pack(w)
     assert packed.shape == (3, 5, 48)
-    np.testing.assert_array_equal(cpu_kernels.unpack(packed, 100), w)
+    np.testing.assert_array_equal(cpu.unpack(packed, 100), w)
     np.testing.assert_array_equal(packed[2, :, 4:], 0)  # columns past N are zero
     ids = jnp.asarray([[0, 47, 48], [99, 3, 50]])
-    np.testing.assert_array_equal(cpu_kernels.packed_rows(packed, ids), w.T[ids])
+    np.testing.assert_array_equal(cpu.packed_rows(packed, ids), w.T[ids])
 
 
 def _config(**overrides) -> MptConfig:
@@ -68,7 +96,7 @@ def test_packed_model_equals_the_plain_one(overrides):
     model = FlaxMptForCausalLM(config, dtype=jnp.float32, seed=1)
     params = jax.tree_util.tree_map(lambda x: x + 0.01 * jnp.ones_like(x), model.params)  # biases non-zero
     packed_module = model.module.clone(cpu_kernels=True)
-    packed = cpu_kernels.pack_params(params)
+    packed = linear.pack_params(params)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (3, 9)), jnp.int32)
 
     def run(module, p):
@@ -83,14 +111,14 @@ def test_packed_model_equals_the_plain_one(overrides):
 
 def test_pack_params_checks_the_tree():
     model = FlaxMptForCausalLM(_config(), dtype=jnp.float32, seed=0)
-    packed = cpu_kernels.pack_params(model.params)
+    packed = linear.pack_params(model.params)
     assert packed["transformer"]["wte"]["embedding"].shape == (3, 64, 48)  # 101 rows of 64, as the head reads them
     assert packed["transformer"]["blocks_0"]["attn"]["Wqkv"]["kernel"].shape == (4, 64, 48)
     want = jax.eval_shape(model.module.clone(cpu_kernels=True).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-    cpu_kernels.check_packed(packed, want["params"])
+    linear.check_packed(packed, want["params"])
     with pytest.raises(ValueError, match="Wqkv"):
-        cpu_kernels.check_packed(model.params, want["params"])
-    back = cpu_kernels.unpack_params(packed, model.params_shape())
+        linear.check_packed(model.params, want["params"])
+    back = linear.unpack_params(packed, model.params_shape())
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, model.params)
 
 
@@ -106,13 +134,43 @@ def _greedy(engine) -> tuple[np.ndarray, KVCache]:
     return np.concatenate([first, np.asarray(out)], axis=1), state.cache
 
 
-@needs_kernel
-def test_engine_packs_on_cpu_and_generates_the_same_tokens():
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+def test_engine_packs_on_cpu_and_generates_the_same_tokens(isa, monkeypatch):
+    """EASYMPT_CPU_ISA forces an instruction set; on each, the engine's greedy tokens equal XLA's."""
+    monkeypatch.setenv(cpu.ISA_ENV, isa)
     model = FlaxMptForCausalLM(_config(), dtype=jnp.float32, seed=2)
     fast = GenerationEngine(model, model.params, max_length=64, max_compile_tokens=8)
     plain = GenerationEngine(model, model.params, max_length=64, max_compile_tokens=8, cpu_kernels=False)
-    assert fast.module.cpu_kernels and not plain.module.cpu_kernels
+    assert fast.module.cpu_kernels and fast.cpu_isa == isa
+    assert not plain.module.cpu_kernels and plain.cpu_isa is None
     np.testing.assert_array_equal(_greedy(fast)[0], _greedy(plain)[0])
+
+
+@needs_kernel
+def test_a_forced_instruction_set_that_cannot_run_is_a_clear_error(monkeypatch):
+    model = FlaxMptForCausalLM(_config(), dtype=jnp.float32, seed=2)
+    monkeypatch.setenv(cpu.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="EASYMPT_CPU_ISA='sse9' is not one of avx512, avx2, portable"):
+        GenerationEngine(model, model.params, max_length=64)
+    missing = [isa for isa in cpu.ISAS if isa not in cpu.built_isas()]
+    if missing:  # e.g. avx512 on an AVX2 machine: named, with what is available
+        monkeypatch.setenv(cpu.ISA_ENV, missing[0])
+        with pytest.raises(ValueError, match=f"{missing[0]} CPU kernels are not built here or this CPU lacks"):
+            GenerationEngine(model, model.params, max_length=64)
+    monkeypatch.setenv("EASYMPT_CPU_KERNELS", "0")  # off wins over a forced set
+    assert GenerationEngine(model, model.params, max_length=64).cpu_isa is None
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu" or "portable" not in cpu.built_isas(),
+                    reason="the portable kernels are not built here")
+def test_the_isa_is_chosen_at_run_time_in_a_fresh_process():
+    """A fresh process picks the best set the CPU runs, or the one EASYMPT_CPU_ISA names."""
+    code = "from easympt.kernels import cpu; print(cpu.active_isa())"
+    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,  # noqa: E731
+                                     check=True).stdout.strip()
+    env = {k: v for k, v in os.environ.items() if k != cpu.ISA_ENV}
+    assert run(env) == cpu.built_isas()[0]
+    assert run({**env, cpu.ISA_ENV: "portable"}) == "portable"
 
 
 @needs_kernel
@@ -148,17 +206,14 @@ def test_engine_refuses_cpu_kernels_where_they_cannot_run():
     assert not GenerationEngine(model, model.params, max_length=64).module.cpu_kernels  # auto: plain, no error
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa", ISA_PARAMS)
 @pytest.mark.parametrize("K,G,D,S", [(4, 1, 16, 37), (2, 3, 64, 64), (1, 8, 32, 130)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("alibi", [True, False])
 @pytest.mark.parametrize("cache", ["float32", "bfloat16", "bfloat16-bits"])
-def test_decode_attention_equals_the_dense_kernel(K, G, D, S, alibi, cache):
+def test_decode_attention_equals_the_dense_kernel(isa, K, G, D, S, alibi, cache):
     """Rows of different lengths, left padding, a row at the last slot, and slots past each row's
     position holding garbage the kernel must not read; a float32 or a bfloat16 cache (also stored
     as its uint16 bits, as easympt.cache keeps it on CPU), widened exactly."""
-    from easympt.attention import AttentionMask, dense_attention
-    from easympt.layers import alibi_slopes
-
     rng = np.random.default_rng(K * 100 + S)
     B = 3
     q = jnp.asarray(rng.standard_normal((B, K, G, 1, D)), jnp.float32)
@@ -175,24 +230,22 @@ def test_decode_attention_equals_the_dense_kernel(K, G, D, S, alibi, cache):
     # the reference reads the same (rounded) cache in float32
     want = dense_attention(q, kt.astype(jnp.float32), v.astype(jnp.float32), mask, slopes, 0.3)
     stored = (lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)) if cache == "bfloat16-bits" else (lambda x: x)
-    got = jax.jit(cpu_kernels.decode_attention, static_argnums=5)(q, stored(kt), stored(v), mask, slopes, 0.3)
+    got = jax.jit(cpu.decode_attention, static_argnums=(5, 6))(q, stored(kt), stored(v), mask, slopes, 0.3, isa)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
     # NaN past each row's slot and in its masked slots changes nothing: the kernel never reads them
     unread = np.repeat(~valid, K, axis=0)  # [B*K, S]
     kt_bad = jnp.where(jnp.asarray(unread)[:, None, :], jnp.nan, kt).astype(kt.dtype)
     v_bad = jnp.where(jnp.asarray(unread)[:, :, None], jnp.nan, v).astype(v.dtype)
-    bad = cpu_kernels.decode_attention(q, stored(kt_bad), stored(v_bad), mask, slopes, 0.3)
+    bad = cpu.decode_attention(q, stored(kt_bad), stored(v_bad), mask, slopes, 0.3, isa)
     np.testing.assert_array_equal(np.asarray(bad), np.asarray(got))
 
 
-@needs_kernel
-def test_decode_attention_of_a_row_with_no_valid_slot_is_zero():
-    from easympt.attention import AttentionMask
-
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+def test_decode_attention_of_a_row_with_no_valid_slot_is_zero(isa):
     q = jnp.ones((2, 1, 1, 1, 16))
     kt, v = jnp.ones((2, 16, 8)), jnp.full((2, 8, 16), jnp.nan)
     mask = AttentionMask(jnp.asarray([[3], [3]], jnp.int32), jnp.arange(8, dtype=jnp.int32),
                          jnp.asarray([[False] * 8, [True] * 8]))
-    out = np.asarray(cpu_kernels.decode_attention(q, kt, v.at[1].set(1.0), mask, None, 1.0))
+    out = np.asarray(cpu.decode_attention(q, kt, v.at[1].set(1.0), mask, None, 1.0, isa))
     np.testing.assert_array_equal(out[0], 0)  # an empty decode row reads no value (these are NaN)
     np.testing.assert_allclose(out[1], 1.0)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easympt import cpu_kernels
+from easympt.kernels import cpu, linear
 from easympt.cache import KVCache, cache_rows
 from easympt.dtypes import resolve_dtype
 from easympt.generation.sampling import (MAX_LOGPROBS, NO_STOP, SamplingConfig, SamplingRows, TokenLogprobs, sample,
@@ -83,17 +83,17 @@ def _shift_scores(lp: TokenLogprobs) -> TokenLogprobs:
 def _with_cpu_kernels(model: FlaxMptForCausalLM, params, wanted: bool | None):
     """(module, params) the engine runs: with the CPU kernels, a module that uses them and a packed copy
     of the weights."""
-    usable = (cpu_kernels.available() and model.mesh is None
+    usable = (cpu.available() and model.mesh is None
               and jnp.dtype(model.dtype) == jnp.float32 and jnp.dtype(model.param_dtype) == jnp.float32)
     if wanted and not usable:
-        raise ValueError("cpu_kernels=True needs JAX on CPU, easympt's CPU kernels built for this CPU (x86-64 "
-                         "with AVX-512F), float32 weights and compute, and no mesh")
+        raise ValueError("cpu_kernels=True needs JAX on CPU, easympt's CPU kernels built (a C++ compiler at "
+                         "install) and not off (EASYMPT_CPU_KERNELS=0), float32 weights and compute, and no mesh")
     if not (usable if wanted is None else wanted) or params is None:  # None: abstract use (memory checks)
         return model.module, params
     module = model.module.clone(cpu_kernels=True)
-    packed = cpu_kernels.pack_params(params)
+    packed = linear.pack_params(params)
     expected = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    cpu_kernels.check_packed(packed, expected)
+    linear.check_packed(packed, expected)
     return module, packed
 
 
@@ -108,7 +108,7 @@ class GenerationEngine:
     exceed the config's `max_seq_len`; learned position embeddings do not).
 
     `cpu_kernels`: run the weight products on a packed copy of the weights and decode attention over
-    the slots rows hold with easympt's CPU kernels (easympt.cpu_kernels; ~2x faster decode at batch 8,
+    the slots rows hold with easympt's CPU kernels (easympt.kernels.cpu; ~2x faster decode at batch 8,
     ~1.2x at batch 1). None: wherever they can run (JAX on CPU, the kernels built for this CPU,
     float32, no mesh). The engine then holds the packed copy; drop other references to `params` to
     keep one copy in memory.
@@ -131,6 +131,8 @@ class GenerationEngine:
         self.model, self.config = model, cfg
         self.kv_dtype = resolve_dtype(kv_dtype, "kv_dtype") or model.dtype
         self.module, self.params = _with_cpu_kernels(model, unwrap_params(params), cpu_kernels)
+        # the instruction set the CPU kernels run with (easympt.kernels.cpu), None without them
+        self.cpu_isa = cpu.active_isa() if self.module.cpu_kernels else None
         self.max_length = int(max_length)
         self.max_compile_tokens = int(max_compile_tokens)
         # prompts up to one chunk prefill in one pass (power-of-two buckets); longer ones chunk by chunk

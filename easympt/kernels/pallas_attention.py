@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from easympt.attention import NEG, AttentionMask, flash_attention_vjp, pad_to_blocks
+from easympt.kernels.blockwise import flash_attention_vjp, pad_to_blocks
+from easympt.kernels.mask import NEG, AttentionMask
 
 
 def _kernel(q_ref, kt_ref, v_ref, q_slots_ref, q_seg_ref, k_slots_ref, k_valid_ref, k_prefix_ref, k_seg_ref,
