@@ -37,7 +37,7 @@ from easympt.dtypes import resolve_dtype
 from easympt.generation import GenerationEngine, SamplingConfig
 from easympt.transform import mpt_from_pretrained
 from peers import Peer, write_checkpoint, write_prompts
-from timing import NEW, decode_figures, in_turns, median_time, same_tokens, timed
+from timing import NEW, decode_figures, in_turns, machine, median_time, same_tokens, timed
 
 PROMPT, LONG_PROMPT, CONTEXT = 32, 512, 2048
 
@@ -180,8 +180,8 @@ def main() -> int:
         weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
         bw = memory_bandwidth()
         roofline = bw / weight_bytes
-        result = {"geometry": args.geometry, "backend": jax.default_backend(),
-                  "dtype": str(np.dtype(model.dtype)), "cpu_kernels": engine.module.cpu_kernels, "weight_bytes": weight_bytes,
+        result = {"geometry": args.geometry, "backend": jax.default_backend(), **machine(),
+                  "dtype": str(np.dtype(model.dtype)), "cpu_kernels": engine.cpu_isa, "weight_bytes": weight_bytes,
                   "bandwidth_gb_s": bw / 1e9, "roofline_tok_s_b1": roofline,
                   "easympt": ours, "first_call_over_steady": first_after / steady,
                   "compile_and_first_call_s": compile_s,
@@ -199,7 +199,9 @@ def main() -> int:
         if skipped and args.llama_cpp_src:
             result.setdefault("llama_cpp", {})["skipped"] = skipped
 
-    print(f"easympt: {'CPU kernels (packed weights, decode attention)' if result['cpu_kernels'] else 'XLA only'}")
+    isa = result["cpu_kernels"]
+    kernels = f"CPU kernels, {isa} (packed weights, decode attention)" if isa else "XLA only"
+    print(f"{result['cpu']}, {result['cores']} cores; easympt: {kernels}")
     print(f"{'':24s}{'easympt':>12s}{'transformers':>14s}{'ratio':>8s}")
     theirs = result.get("transformers", {})
     # decode: above 1 is faster; TTFT: below 1 is faster (compare() computed the ratios)

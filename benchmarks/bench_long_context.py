@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from timing import machine
+
 
 def _rss(field: str) -> int:
     with open("/proc/self/status") as fh:
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
             print(f"{r['length']:>6} tokens: decode {r['decode_tok_s_float32']:.1f} tok/s with a float32 cache, "
                   f"{r['decode_tok_s_bfloat16']:.1f} with a bfloat16 one "
                   f"({r['decode_tok_s_bfloat16'] / r['decode_tok_s_float32']:.2f}x; timed in turns)", flush=True)
-        print(json.dumps({"bench": "long_context_kv_compare", "geometry": args.geometry, "runs": rows}))
+        print(json.dumps({"bench": "long_context_kv_compare", **machine(), "geometry": args.geometry, "runs": rows}))
         return 0
     if args.reference:
         r = reference_check(args.reference, args.chunk)
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
               f"{r['prefill_s']:7.1f} s ({r['prefill_ms_per_token']:.2f} ms/token), peak +{r['peak_growth_bytes'] / 2**20:7.0f} "
               f"MiB = KV cache {r['kv_cache_bytes'] / 2**20:6.0f} MiB + {r['temporaries_bytes'] / 2**20:6.0f} MiB; "
               f"decode {r['decode_tok_s']:.1f} tok/s", flush=True)
-    print(json.dumps({"bench": "long_context", "geometry": args.geometry, "chunk": args.chunk,
+    print(json.dumps({"bench": "long_context", **machine(), "geometry": args.geometry, "chunk": args.chunk,
                       "kv_dtype": args.kv_dtype or "float32", "runs": rows}))
     return 0
 

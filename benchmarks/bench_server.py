@@ -25,7 +25,7 @@ import time
 
 import httpx
 
-from timing import in_turns
+from timing import in_turns, machine
 
 
 def pct(xs, q):
@@ -190,7 +190,7 @@ def main() -> int:
                   f"RSS {s['rss_after_100_mb']:.0f} -> {s['rss_end_mb']:.0f} MiB ({100 * s['rss_growth']:+.1f}%)")
     finally:
         server.shutdown()
-    print(json.dumps(result))
+    print(json.dumps({**machine(), **result}))
     return 0
 
 

@@ -25,6 +25,7 @@ from easympt.kernels import cpu
 from easympt.kernels.dense_attention import dense_attention
 from easympt.kernels.mask import AttentionMask
 from easympt.layers import alibi_slopes
+from timing import machine
 
 E, F, LAYERS, HEADS = 768, 3072, 12, 12
 
@@ -133,13 +134,13 @@ def main() -> int:
     bandwidth = memory_bandwidth()
     rows = layer_products(args.reps, isas) + attention(args.reps, isas)
     names = ["xla", *isas]
-    print(f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s; ms per system (GB/s where the step is read-bound)")
+    print(f"{machine()['cpu']}: measured read bandwidth {bandwidth / 1e9:.1f} GB/s; ms per system (GB/s where the step is read-bound)")
     print(f"{'':84s}" + "".join(f"{n:>16s}" for n in names))
     for r in rows:
         cells = [f"{r[f'{n}_ms']:7.2f}" + (f" ({r[f'{n}_gb_s']:5.1f})" if f"{n}_gb_s" in r else " " * 8)
                  for n in names]
         print(f"{r['what']:84s}" + "".join(f"{c:>16s}" for c in cells))
-    print(json.dumps({"backend": jax.default_backend(), "isas": isas, "bandwidth_gb_s": bandwidth / 1e9,
+    print(json.dumps({"backend": jax.default_backend(), **machine(), "isas": isas, "bandwidth_gb_s": bandwidth / 1e9,
                       "rows": rows}))
     return 0
 

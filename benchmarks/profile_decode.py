@@ -22,7 +22,9 @@ import types
 import jax
 import jax.numpy as jnp
 
-from easympt import FlaxMptForCausalLM, MptConfig, cpu_kernels
+from easympt import FlaxMptForCausalLM, MptConfig
+from easympt.kernels import cpu, linear
+from timing import machine
 
 
 def ms(f, *args, reps=20):
@@ -87,9 +89,9 @@ def main() -> int:
     model = FlaxMptForCausalLM(c, dtype=jnp.float32, seed=0)
     params = model.params
     packed = None
-    if cpu_kernels.available():  # the engine's model: packed module, packed weights
+    if cpu.available():  # the engine's model: packed module, packed weights
         packed = (types.SimpleNamespace(module=model.module.clone(cpu_kernels=True), init_cache=model.init_cache),
-                  cpu_kernels.pack_params(params))
+                  linear.pack_params(params))
     mm = jax.jit(lambda h, w: h @ w)
     head = jax.jit(lambda h, w: h @ w.T)  # tied head: the embedding read transposed
     rows = []
@@ -112,7 +114,7 @@ def main() -> int:
               f"{r['lm_head_ms']:12.1f}{r['step_ms'] - r['matmuls_ms']:10.1f}"
               f"{r['packed_step_ms'] or float('nan'):16.1f}")
     windows = window_table(model, params) if args.windows else None
-    print(json.dumps({"geometry": args.geometry, "backend": jax.default_backend(), "rows": rows,
+    print(json.dumps({"geometry": args.geometry, "backend": jax.default_backend(), **machine(), "rows": rows,
                       "windows": windows}))
     return 0
 

@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import functools
+import os
+import platform
 import statistics
 import time
 
 NEW = 128  # new tokens per timed generation
 SETTLE_S = 0.05  # pause before each timed run: the previous system's spinning threads go to sleep
+
+
+def machine() -> dict:
+    """What a figure was measured on: the CPU's name and easympt's CPU-kernel instruction set (null: XLA)."""
+    from easympt.kernels import cpu
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return {"cpu": name, "cores": os.cpu_count(), "cpu_isa": cpu.active_isa()}
 
 
 def median_time(fn, reps=3, warmup=1):

@@ -39,6 +39,8 @@ def cmd_generate(args) -> int:
         model, prompt = args.model_prompt
     gen = Generator.from_pretrained(model, dtype=args.dtype, max_length=args.max_length,
                                     max_compile_tokens=args.max_compile_tokens, kv_dtype=args.kv_dtype)
+    if args.verbose:
+        print(f"[{gen.engine.describe()}]", file=sys.stderr)
     reason = None
     for chunk in gen.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
@@ -319,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint directory or hub id (default: the bundled demo model), then the prompt")
     _add_model(p)
     _add_sampling(p)
+    p.add_argument("--verbose", action="store_true",
+                   help="print what runs (backend, dtypes, the CPU kernels' instruction set) to stderr")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="serve a model over REST, the OpenAI API and Gradio")

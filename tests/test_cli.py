@@ -36,9 +36,13 @@ def test_generate_without_model_uses_the_demo_model():
 
 def test_generate_streams_text(lm_checkpoint):
     r = run("generate", lm_checkpoint, "def f(x):", "--max-new-tokens", "8", "--max-length", "64",
-            "--max-compile-tokens", "8", "--temperature", "0", "--kv-dtype", "bf16")
+            "--max-compile-tokens", "8", "--temperature", "0", "--kv-dtype", "bf16", "--verbose")
     assert r.returncode == 0, r.stderr
     assert "finish_reason" in r.stderr
+    from easympt.kernels import cpu  # --verbose names what runs: the CPU kernels' instruction set, or XLA
+
+    isa = cpu.active_isa()
+    assert (f"easympt's CPU kernels ({isa})" if isa else "weight products by XLA") in r.stderr, r.stderr
     r = run("generate", lm_checkpoint, "x", "--kv-dtype", "int2")
     assert r.returncode == 2 and "kv_dtype 'int2'" in r.stderr
 

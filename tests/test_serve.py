@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
+from easympt.kernels import cpu
 from easympt.serve import JAXServer, JaxServerConfig
 
 from conftest import SERVER_CONFIG as CONFIG
@@ -52,6 +53,7 @@ def test_easydel_routes(client):
     assert r.status_code == 200 and "### Instruction:\nwrite a loop" in r.json()["input"]
     s = client.get("/status").json()
     assert s["status"] == "ready" and s["batch_size"] == 4 and s["prompt_buckets"][-1] == 256
+    assert s["backend"] == "cpu" and s["cpu_kernels"] == cpu.active_isa()  # the instruction set; null: XLA
     assert s["dtype"] == s["kv_dtype"] == "float32"
     assert client.get("/health").json() == {"status": "ok"}
 

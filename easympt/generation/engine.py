@@ -154,6 +154,12 @@ class GenerationEngine:
         self.start = jax.jit(self._start, donate_argnums=(0,))  # the decode state takes over the prefix's cache
 
     # ------------------------------------------------------------ device side
+    def describe(self) -> str:
+        """What runs here, in one line: backend, weights, KV cache and the weight products' kernels."""
+        kernels = f"easympt's CPU kernels ({self.cpu_isa})" if self.cpu_isa else "XLA"
+        return (f"{jax.default_backend()}: {jnp.dtype(self.model.dtype).name} compute, "
+                f"{jnp.dtype(self.kv_dtype).name} KV cache, weight products by {kernels}")
+
     def _forward(self, params, tokens, mask, cache, logits_slice=None, cache_window=None):
         return self.module.apply({"params": params}, tokens, mask, cache, None, None, True, logits_slice,
                                  cache_window)
