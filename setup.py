@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import os
 import platform
 
@@ -22,12 +23,12 @@ def cpu_kernel_extensions() -> list[Extension]:
     instruction set, loaded with ctypes and registered as XLA FFI targets; the best one the CPU runs is
     picked at run time, so a wheel built on one x86-64 CPU runs right on another. Optional: without a
     compiler easympt installs and uses XLA's dot."""
-    flags = {"portable": []}  # the compiler's baseline: SSE2 on x86-64, NEON on aarch64
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        flags["avx2"] = ["-mavx2", "-mfma", "-mf16c"]  # x86-64-v3
-        flags["avx512"] = ["-mavx512f", "-mavx2", "-mfma", "-mf16c"]
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "easympt/kernels/csrc/isa_flags.json")) as f:
+        flags = {isa: isa_flags for isa, isa_flags in json.load(f).items() if not isa.startswith("_")}
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        flags = {"portable": flags["portable"]}  # the x86 sets compile on x86-64 only
     return [Extension(f"easympt.kernels._cpu_{isa}", [f"easympt/kernels/csrc/cpu_{isa}.cc"], language="c++",
-                      depends=["easympt/kernels/csrc/cpu_kernels.inc"],
+                      depends=["easympt/kernels/csrc/cpu_kernels.inc", "easympt/kernels/csrc/isa_flags.json"],
                       extra_compile_args=["-O3", "-std=c++17", "-Wno-attributes", "-Wno-return-type", *isa_flags],
                       optional=True)
             for isa, isa_flags in flags.items()]

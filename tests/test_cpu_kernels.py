@@ -109,6 +109,7 @@ def test_packed_model_equals_the_plain_one(overrides):
         np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel  # the packed module's own tree comes from tracing it, which names a kernel library
 def test_pack_params_checks_the_tree():
     model = FlaxMptForCausalLM(_config(), dtype=jnp.float32, seed=0)
     packed = linear.pack_params(model.params)

@@ -1,0 +1,118 @@
+// The CPU kernels' arithmetic without JAX: the packed product and decode attention of
+// easympt/kernels/csrc/cpu_kernels.inc against scalar references, in one binary built with the same
+// flags as a kernel library. tests/test_kernel_selftest.py builds it for this CPU's instruction sets
+// and for aarch64 (NEON, run under qemu-aarch64), where no jaxlib is at hand to call the kernels
+// through XLA. Prints one line per check and exits non-zero on the first mismatch.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "../../easympt/kernels/csrc/cpu_kernels.inc"
+
+namespace {
+
+std::mt19937 rng(0);
+float Normal() { return std::normal_distribution<float>(0.0f, 1.0f)(rng); }
+
+// W [K, N] -> panels [ceil(N/48), K, 48], zero past N (easympt.kernels.cpu.pack)
+std::vector<float> Pack(const std::vector<float>& w, int64_t K, int64_t N) {
+  const int64_t P = (N + kPanel - 1) / kPanel;
+  std::vector<float> out(P * K * kPanel, 0.0f);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n) out[(n / kPanel) * K * kPanel + k * kPanel + n % kPanel] = w[k * N + n];
+  return out;
+}
+
+bool CheckMatmul(int64_t M, int64_t K, int64_t N) {
+  std::vector<float> x(M * K), w(K * N), y(M * N, NAN);
+  for (auto& v : x) v = Normal();
+  for (auto& v : w) v = Normal();
+  const std::vector<float> packed = Pack(w, K, N);
+  Panels(x.data(), M, K, packed.data(), y.data(), N, 0, (N + kPanel - 1) / kPanel);
+  double worst = 0.0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double want = 0.0;
+      for (int64_t k = 0; k < K; ++k) want += double(x[m * K + k]) * w[k * N + n];
+      worst = std::max(worst, std::fabs(want - y[m * N + n]) / std::sqrt(double(K)));
+    }
+  const bool ok = worst < 1e-4;
+  std::printf("%s matmul M=%lld K=%lld N=%lld: max |err| / sqrt(K) %.2e %s\n", EASYMPT_ISA, (long long)M,
+              (long long)K, (long long)N, worst, ok ? "ok" : "FAILED");
+  return ok;
+}
+
+// One row (n = 0), G query heads, over S slots of which the first L = q_slot + 1 are causal and
+// `valid` marks real keys; ALiBi slopes per head.
+bool CheckDecode(int64_t G, int64_t D, int64_t S, int32_t q_slot, bool bf16) {
+  std::vector<float> q(G * D), kt(D * S), v(S * D), slopes(G), out(G * D), scores(G * ((S + 15) / 16 * 16 + 16));
+  for (auto& a : q) a = Normal();
+  for (auto& a : kt) a = Normal();
+  for (auto& a : v) a = Normal();
+  for (int64_t g = 0; g < G; ++g) slopes[g] = 0.5f / float(g + 1);
+  std::vector<char> valid_bytes(S, 1);
+  valid_bytes[0] = 0;  // left padding
+  if (S > 7) valid_bytes[7] = 0;
+  const bool* valid = reinterpret_cast<const bool*>(valid_bytes.data());
+  const float scale = 0.3f;
+  if (bf16) {  // keys and values as bfloat16 bits (rounded toward zero here), the reference reads the same
+    std::vector<uint16_t> kb(kt.size()), vb(v.size());
+    for (size_t i = 0; i < kt.size(); ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, &kt[i], 4);
+      kb[i] = uint16_t(bits >> 16);
+      kt[i] = Widen(kb[i]);
+    }
+    for (size_t i = 0; i < v.size(); ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, &v[i], 4);
+      vb[i] = uint16_t(bits >> 16);
+      v[i] = Widen(vb[i]);
+    }
+    DecodeRow<uint16_t>(0, q.data(), kb.data(), vb.data(), q_slot, valid, slopes.data(), scale, G, D, S, out.data(),
+                        scores.data());
+  } else {
+    DecodeRow<float>(0, q.data(), kt.data(), v.data(), q_slot, valid, slopes.data(), scale, G, D, S, out.data(),
+                     scores.data());
+  }
+  double worst = 0.0;
+  const int64_t L = std::min<int64_t>(q_slot + 1, S);
+  for (int64_t g = 0; g < G; ++g) {
+    std::vector<double> p(L, 0.0);
+    double mx = -INFINITY, sum = 0.0;
+    for (int64_t s = 0; s < L; ++s) {
+      if (!valid[s]) continue;
+      double dot = 0.0;
+      for (int64_t d = 0; d < D; ++d) dot += double(q[g * D + d]) * scale * kt[d * S + s];
+      p[s] = dot - double(slopes[g]) * (q_slot - s);
+      mx = std::max(mx, p[s]);
+    }
+    for (int64_t s = 0; s < L; ++s) sum += valid[s] ? (p[s] = std::exp(p[s] - mx)) : (p[s] = 0.0);
+    for (int64_t d = 0; d < D; ++d) {
+      double want = 0.0;
+      for (int64_t s = 0; s < L; ++s) want += p[s] / sum * v[s * D + d];
+      worst = std::max(worst, std::fabs(want - out[g * D + d]));
+    }
+  }
+  const bool ok = worst < 1e-5;
+  std::printf("%s decode attention G=%lld D=%lld S=%lld q_slot=%d %s: max |err| %.2e %s\n", EASYMPT_ISA,
+              (long long)G, (long long)D, (long long)S, q_slot, bf16 ? "bf16" : "f32", worst, ok ? "ok" : "FAILED");
+  return ok;
+}
+
+}  // namespace
+
+int main() {
+  bool ok = true;
+  for (int64_t M : {1, 2, 3, 5, 8, 9, 17, 40})
+    for (auto [K, N] : {std::pair<int64_t, int64_t>{64, 100}, {130, 200}, {16, 48}, {40, 1}, {300, 500}})
+      ok = CheckMatmul(M, K, N) && ok;
+  for (bool bf16 : {false, true})
+    for (auto [G, D, S, slot] : {std::tuple<int64_t, int64_t, int64_t, int32_t>{1, 16, 37, 36}, {3, 64, 64, 20},
+                                 {8, 32, 130, 129}, {2, 16, 200, 5}})
+      ok = CheckDecode(G, D, S, slot, bf16) && ok;
+  std::printf("%s\n", ok ? "all ok" : "FAILED");
+  return ok ? 0 : 1;
+}
