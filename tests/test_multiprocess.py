@@ -66,7 +66,7 @@ def test_sharded_load_export_and_checkpoint_across_two_processes(tmp_path):
         assert np.array_equal(mine[k], theirs[k]), k
 
 
-SERVE = ["serve", "--no-gradio", "--batch-size", "4", "--max-length", "128", "--max-compile-tokens", "16",
+SERVE = ["serve", "--no-gradio", "--batch-size", "4", "--max-length", "128", "--max-compile-tokens", "64",
          "--max-new-tokens", "16"]
 
 
