@@ -11,10 +11,13 @@ one; at the bandwidth limit it costs the cache bytes a step reads). transformers
 (its MptConfig defaults to False) under `torch.inference_mode()`; the benchmark
 prints its step-time growth (flat with a cache) and compares both systems'
 greedy tokens. With --llama-cpp-src, llama.cpp (f32 and f16 GGUFs of the same weights) runs too,
-at batch 1. The roofline is the measured memory bandwidth over
+at batch 1. With --formats fp32,bf16 easympt also runs the same weights as 16-bit weights under
+float32 compute (`easympt_bf16` in the JSON line, with its ratio to llama.cpp's f16), timed in turns
+with the rest. The roofline is the measured memory bandwidth over
 the weight bytes one decode step must read. Prints a table and one JSON line.
 
-    python benchmarks/bench_generate.py [--geometry mpt-125m] [--dtype fp32] [--skip-torch] [--llama-cpp-src DIR]
+    python benchmarks/bench_generate.py [--geometry mpt-125m] [--dtype fp32] [--formats fp32,bf16] [--skip-torch]
+                                        [--llama-cpp-src DIR]
 """
 
 from __future__ import annotations
@@ -108,6 +111,20 @@ def compare(ours: dict, peer: dict) -> dict:
     return out
 
 
+PEER_FORMAT = {"bf16": "f16"}  # the llama.cpp GGUF type of the same bytes per weight
+
+
+def format_engine(fmt: str, config, params, args) -> GenerationEngine:
+    """An engine over the same weights in another format: bf16 is 16-bit weights under float32
+    compute (easympt.dtypes.inference_dtypes; on CPU the kernels read bfloat16 panels)."""
+    if fmt != "bf16":
+        raise SystemExit(f"--formats: {fmt!r} is not one of fp32, bf16")
+    model = FlaxMptForCausalLM(config, dtype=jnp.float32, param_dtype=jnp.bfloat16, _do_init=False)
+    weights = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    return GenerationEngine(model, weights, max_length=CONTEXT + 2 * NEW, max_compile_tokens=args.max_compile_tokens,
+                            cpu_kernels=False if args.no_cpu_kernels else None)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--geometry", default="mpt-125m")
@@ -116,12 +133,16 @@ def main() -> int:
     ap.add_argument("--no-cpu-kernels", action="store_true",
                     help="XLA's dot on plain weights instead of easympt's CPU kernel on packed ones")
     ap.add_argument("--skip-torch", action="store_true", help="no peer (e.g. on a GPU box without torch CUDA)")
+    ap.add_argument("--formats", default="fp32",
+                    help="comma-separated weight formats easympt runs, each timed in turns with the peers: fp32, "
+                         "bf16 (16-bit weights under float32 compute; llama.cpp's f16 is its peer)")
     ap.add_argument("--llama-cpp-src", default=None,
                     help="llama.cpp's converter source (an unpacked llama-cpp-python sdist): adds llama.cpp as a "
                          "peer, f32 and f16 GGUFs of the same checkpoint, batch 1 (needs llama-cpp-python)")
     args = ap.parse_args()
 
     dtype = resolve_dtype(args.dtype)
+    formats = [f for f in args.formats.split(",") if f and f != "fp32"]
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_checkpoint(args.geometry, os.path.join(tmp, "ckpt"), max_seq_len=1024)
@@ -146,6 +167,12 @@ def main() -> int:
         prompts = write_prompts(os.path.join(tmp, "prompts.json"), sets)
         systems = {"easympt": lambda key, n: timed(lambda k, m: run_easympt(engine, sets[k], m), key, n)}
         keys = {"easympt": ("b1", "b8")}
+        for fmt in formats:  # more weight formats of the same weights, timed in turns with the rest
+            other = format_engine(fmt, config, params, args)
+            run_easympt(other, rng.integers(0, V, (1, PROMPT)), NEW)  # compile
+            systems[f"easympt_{fmt}"] = functools.partial(
+                lambda e, key, n: timed(lambda k, m: run_easympt(e, sets[k], m), key, n), other)
+            keys[f"easympt_{fmt}"] = ("b1", "b8")
         infos, skipped = {}, None
         with contextlib.ExitStack() as peers:
             started = []
@@ -163,6 +190,7 @@ def main() -> int:
                 systems[name], keys[name], infos[name] = peer, tuple(peer.info["keys"]), peer.info
             figures = decode_figures(systems, keys)
         ours = figures.pop("easympt")
+        others = {name: figures.pop(name) for name in list(figures) if name.startswith("easympt_")}
         steady = ours["t_b1_128_s"]
         # the long-context ratio, with the float32 cache and with a bfloat16 one (half the bytes a step
         # reads from it), all four timed in turns
@@ -190,6 +218,10 @@ def main() -> int:
                   "context_2048_over_short_b1_bf16_cache": (ours["decode_only_tok_s_b1_ctx2048_bf16_cache"]
                                                             / ours["decode_only_tok_s_b1_bf16_cache"]),
                   "bf16_cache_greedy_match_b1": bf16_cache_greedy}
+        for name, fig in others.items():
+            fig["greedy_match_fp32_b1"] = same_tokens(fig.pop("greedy_b1"), ours["greedy_b1"])
+            fig["greedy_match_fp32_b8"] = same_tokens(fig.pop("greedy_b8"), ours["greedy_b8"])
+            result[name] = fig
         for name, fig in figures.items():
             peer = compare(ours, {**fig, **infos[name]})
             if name == "transformers":
@@ -236,6 +268,17 @@ def main() -> int:
     spreads = [f"{name} {k[7:]} {100 * v:.0f}%" for name, fig in systems for k, v in fig.items()
                if k.startswith("spread_")]
     print(f"spread of the timed {NEW}-token runs ((max - min) / median): {', '.join(spreads)}")
+    for name, fig in others.items():
+        outtype = PEER_FORMAT[name[len("easympt_"):]]
+        peer = result.get("llama_cpp", {}).get(outtype)
+        vs = ""
+        if peer:
+            fig[f"ratio_decode_b1_llama_cpp_{outtype}"] = fig["decode_tok_s_b1"] / peer["decode_tok_s_b1"]
+            vs = (f", llama.cpp {outtype} {peer['decode_tok_s_b1']:.1f} tok/s "
+                  f"({fig[f'ratio_decode_b1_llama_cpp_{outtype}']:.2f}x)")
+        print(f"{name}: decode b1 {fig['decode_tok_s_b1']:.1f} tok/s, b8 {fig['decode_tok_s_b8']:.1f}, TTFT 512 "
+              f"{fig['ttft_512_s']:.3f} s{vs}; greedy tokens vs fp32: b1 {fig['greedy_match_fp32_b1']}, "
+              f"b8 {fig['greedy_match_fp32_b8']}")
     for b in ("b1", "b8"):
         ours.pop(f"greedy_{b}", None)
     print(json.dumps(result))

@@ -192,7 +192,10 @@ def cmd_serve(args) -> int:
     sys.stdout.flush()
     try:
         while True:
-            time.sleep(3600)
+            # short sleeps: Ctrl-C (SIGINT) may land on any thread (uvicorn's, the scheduler's, XLA's);
+            # Python runs its handler in the main thread only when that thread next wakes, and an hour's
+            # sleep is not woken by a signal another thread took (the two-process test hung on it)
+            time.sleep(0.5)
     except KeyboardInterrupt:
         server.shutdown()
     return 0

@@ -8,10 +8,11 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 
 from easympt.kernels import linear
 from easympt.distributed import is_leader
-from easympt.dtypes import resolve_dtype
+from easympt.dtypes import inference_dtypes
 from easympt.generation.engine import GenerationEngine
 from easympt.generation.sampling import SamplingConfig
 from easympt.model import FlaxMptForCausalLM, unwrap_params
@@ -65,16 +66,17 @@ class JAXServer:
         if not cfg.use_prefix_tokenizer:
             raise ValueError("use_prefix_tokenizer=False (right padding) is not supported: "
                              "the engine left-pads every prompt")
-        dtype = None if cfg.dtype == "auto" else resolve_dtype(cfg.dtype)
+        # a dtype in the config: (compute, weights) for it (on CPU, bf16 weights under float32 compute)
+        compute, weights = (model.dtype, model.param_dtype) if cfg.dtype == "auto" else inference_dtypes(cfg.dtype)
         params = unwrap_params(params)
         mesh = serving_mesh(cfg)
         if mesh is not None:
             from easympt.sharding import shardings_for
 
             params = jax.device_put(params, shardings_for(mesh, params, config_model.get_partition_rules()))
-        if (dtype is not None and dtype != model.dtype) or mesh is not None:
-            model = FlaxMptForCausalLM(config_model, dtype=dtype or model.dtype, param_dtype=model.param_dtype,
-                                       _do_init=False, mesh=mesh)
+        same = jnp.dtype(compute) == jnp.dtype(model.dtype) and jnp.dtype(weights) == jnp.dtype(model.param_dtype)
+        if not same or mesh is not None:
+            model = FlaxMptForCausalLM(config_model, dtype=compute, param_dtype=weights, _do_init=False, mesh=mesh)
         server.model, server.tokenizer = model, tokenizer
         server.engine = GenerationEngine(model, params, max_length=cfg.max_length,
                                          max_compile_tokens=cfg.max_compile_tokens, prefill_chunk=cfg.prefill_chunk,
@@ -119,8 +121,9 @@ class JAXServer:
         if "device" not in load_kwargs and "mesh" not in load_kwargs:
             # each process reads only the slices its own devices hold
             load_kwargs["mesh"] = serving_mesh(cfg)
-        params, model_config = mpt_from_pretrained(ckpt, dtype=dtype, **load_kwargs)
-        model = FlaxMptForCausalLM(model_config, dtype=dtype, _do_init=False)
+        compute, weights = inference_dtypes(dtype)
+        params, model_config = mpt_from_pretrained(ckpt, dtype=weights, **load_kwargs)
+        model = FlaxMptForCausalLM(model_config, dtype=compute, param_dtype=weights, _do_init=False)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(ckpt)
         if cfg.model_name == JaxServerConfig().model_name:
             cfg = cfg.model_copy(update={"model_name": source.rstrip("/").split("/")[-1]})

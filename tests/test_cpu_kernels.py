@@ -71,6 +71,22 @@ def test_packed_matmul_equals_numpy(isa, m, k, n):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(k))
 
 
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+def test_packed_matmul_reads_bfloat16_weights(isa):
+    """bfloat16 panels (half the bytes) are widened exactly: the product equals float64's over the
+    same rounded weights, for decode rows, a row group beyond one tile, and a prompt's tiles."""
+    rng = np.random.default_rng(7)
+    matmul = jax.jit(cpu.packed_matmul, static_argnums=(2, 3))
+    for m, k, n in [(1, 768, 2304), (3, 130, 200), (8, 64, 100), (9, 40, 1), (40, 130, 200)]:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+        packed = cpu.pack(w)
+        assert packed.dtype == jnp.bfloat16
+        got = np.asarray(matmul(x, packed, n, isa))
+        want = x.astype(np.float64) @ np.asarray(w.astype(jnp.float32), np.float64)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(k), err_msg=f"{m}x{k}x{n}")
+
+
 def test_pack_round_trip_and_rows():
     w = jnp.asarray(np.random.default_rng(0).standard_normal((5, 100)), jnp.float32)
     packed = cpu.pack(w)
@@ -172,6 +188,46 @@ def test_the_isa_is_chosen_at_run_time_in_a_fresh_process():
     env = {k: v for k, v in os.environ.items() if k != cpu.ISA_ENV}
     assert run(env) == cpu.built_isas()[0]
     assert run({**env, cpu.ISA_ENV: "portable"}) == "portable"
+
+
+@needs_kernel
+def test_bfloat16_weights_run_under_float32_compute_on_bfloat16_panels():
+    """A bfloat16-weight model (param_dtype bf16, float32 compute) runs on bfloat16 panels (half the
+    bytes) with the same greedy tokens as XLA's float32 compute over the same weights; its logits stay
+    within bfloat16 rounding of the float32 model's."""
+    config = _config()
+    full = FlaxMptForCausalLM(config, dtype=jnp.float32, seed=2)
+    half = FlaxMptForCausalLM(config, dtype=jnp.float32, param_dtype=jnp.bfloat16, _do_init=False)
+    weights = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), full.params)
+    fast = GenerationEngine(half, weights, max_length=64, max_compile_tokens=8)
+    plain = GenerationEngine(half, weights, max_length=64, max_compile_tokens=8, cpu_kernels=False)
+    assert fast.module.cpu_kernels and "bfloat16 weights" in fast.describe()
+    packed = fast.params["transformer"]
+    assert packed["blocks_0"]["attn"]["Wqkv"]["kernel"].dtype == jnp.bfloat16
+    assert packed["wte"]["embedding"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(_greedy(fast)[0], _greedy(plain)[0])
+    # float32 weights given to a bfloat16-weight model are packed as bfloat16 (the model's weight dtype)
+    assert GenerationEngine(half, full.params, max_length=64).params["transformer"]["wte"]["embedding"].dtype \
+        == jnp.bfloat16
+
+    ids = jnp.asarray([PROMPTS[2]])
+    want = np.asarray(full.module.apply({"params": full.params}, ids)[0])
+    got = np.asarray(fast.module.apply({"params": fast.params}, ids)[0])
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # measured: ~1% of the largest logit
+
+
+def test_a_bfloat16_request_on_cpu_means_bfloat16_weights_under_float32_compute(lm_checkpoint):
+    from easympt.dtypes import inference_dtypes
+    from easympt.generation import Generator
+
+    assert inference_dtypes("bf16") == (jnp.float32, jnp.bfloat16) and inference_dtypes(None) == (jnp.float32,) * 2
+    gens = [Generator.from_pretrained(lm_checkpoint, dtype="bf16", max_length=64, max_compile_tokens=8,
+                                      cpu_kernels=kernels) for kernels in (None, False)]
+    for gen in gens:
+        assert gen.engine.model.dtype == jnp.float32 and gen.engine.model.param_dtype == jnp.bfloat16
+    assert gens[0].engine.cpu_isa == cpu.active_isa()
+    a, b = (gen.generate("def f(x):", max_new_tokens=8, temperature=0.0).token_ids for gen in gens)
+    assert a == b and len(a) == 8  # the kernels on bfloat16 panels and XLA over the same weights agree
 
 
 @needs_kernel

@@ -34,7 +34,7 @@ def test_kernels_native(isa, tmp_path):
     if isa not in CPU_ISAS:
         pytest.skip(f"this CPU does not run {isa}")
     out = _build_and_run("g++", FLAGS[isa], str(tmp_path / f"selftest_{isa}"))
-    assert out.strip().endswith("all ok") and f"{isa if X86 else 'portable'} matmul" in out
+    assert out.strip().endswith("all ok") and f"{isa if X86 else 'portable'} matmul bf16" in out
 
 
 CROSS, QEMU = "aarch64-linux-gnu-g++", "qemu-aarch64"
@@ -45,4 +45,4 @@ CROSS, QEMU = "aarch64-linux-gnu-g++", "qemu-aarch64"
 def test_kernels_on_aarch64_neon_under_qemu(tmp_path):
     out = _build_and_run(CROSS, FLAGS["portable"], str(tmp_path / "selftest_aarch64"),
                          [QEMU, "-L", "/usr/aarch64-linux-gnu"])
-    assert out.strip().endswith("all ok") and "portable matmul M=40" in out
+    assert out.strip().endswith("all ok") and "portable matmul bf16 M=40" in out

@@ -83,15 +83,16 @@ def _shift_scores(lp: TokenLogprobs) -> TokenLogprobs:
 def _with_cpu_kernels(model: FlaxMptForCausalLM, params, wanted: bool | None):
     """(module, params) the engine runs: with the CPU kernels, a module that uses them and a packed copy
     of the weights."""
-    usable = (cpu.available() and model.mesh is None
-              and jnp.dtype(model.dtype) == jnp.float32 and jnp.dtype(model.param_dtype) == jnp.float32)
+    usable = (cpu.available() and model.mesh is None and jnp.dtype(model.dtype) == jnp.float32
+              and jnp.dtype(model.param_dtype) in cpu.WEIGHT_DTYPES)
     if wanted and not usable:
         raise ValueError("cpu_kernels=True needs JAX on CPU, easympt's CPU kernels built (a C++ compiler at "
-                         "install) and not off (EASYMPT_CPU_KERNELS=0), float32 weights and compute, and no mesh")
+                         "install) and not off (EASYMPT_CPU_KERNELS=0), float32 compute over float32 or bfloat16 "
+                         "weights, and no mesh")
     if not (usable if wanted is None else wanted) or params is None:  # None: abstract use (memory checks)
         return model.module, params
     module = model.module.clone(cpu_kernels=True)
-    packed = linear.pack_params(params)
+    packed = linear.pack_params(params, model.param_dtype)  # the model's weight dtype: float32 or bfloat16
     expected = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
     linear.check_packed(packed, expected)
     return module, packed
@@ -158,7 +159,8 @@ class GenerationEngine:
         """What runs here, in one line: backend, weights, KV cache and the weight products' kernels."""
         kernels = f"easympt's CPU kernels ({self.cpu_isa})" if self.cpu_isa else "XLA"
         return (f"{jax.default_backend()}: {jnp.dtype(self.model.dtype).name} compute, "
-                f"{jnp.dtype(self.kv_dtype).name} KV cache, weight products by {kernels}")
+                f"{jnp.dtype(self.model.param_dtype).name} weights, {jnp.dtype(self.kv_dtype).name} KV cache, "
+                f"weight products by {kernels}")
 
     def _forward(self, params, tokens, mask, cache, logits_slice=None, cache_window=None):
         return self.module.apply({"params": params}, tokens, mask, cache, None, None, True, logits_slice,

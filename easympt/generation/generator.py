@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import jax.numpy as jnp
 import numpy as np
 
+from easympt.dtypes import inference_dtypes
 from easympt.generation.engine import GenerationEngine
 from easympt.generation.sampling import SamplingConfig
 from easympt.generation.text import IncrementalText
@@ -57,8 +58,9 @@ class Generator:
         from easympt.transform.hf_to_flax import resolve_checkpoint_dir
 
         ckpt = resolve_checkpoint_dir(source, local_files_only=load_kwargs.pop("local_files_only", False))
-        params, config = mpt_from_pretrained(ckpt, dtype=dtype, **load_kwargs)
-        model = FlaxMptForCausalLM(config, dtype=dtype, _do_init=False)
+        compute, weights = inference_dtypes(dtype)  # on CPU, bf16 weights under float32 compute
+        params, config = mpt_from_pretrained(ckpt, dtype=weights, **load_kwargs)
+        model = FlaxMptForCausalLM(config, dtype=compute, param_dtype=weights, _do_init=False)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(ckpt)
         return cls(model, params, tokenizer, max_length=max_length, max_compile_tokens=max_compile_tokens,
                    cpu_kernels=cpu_kernels, kv_dtype=kv_dtype)

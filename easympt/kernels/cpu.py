@@ -127,13 +127,18 @@ def packed_rows(packed: jax.Array, rows: jax.Array) -> jax.Array:
     return packed[rows // PANEL, :, rows % PANEL]
 
 
+# what the weight product reads: float32, or bfloat16 panels (half the bytes), widened exactly in registers
+WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
 def packed_matmul(x: jax.Array, packed: jax.Array, n: int, isa: str | None = None) -> jax.Array:
-    """x [M, K] float32 @ W [K, n], with W given packed: [M, n] float32. `isa`: the instruction set's
-    library to run (default: the active one)."""
+    """x [M, K] float32 @ W [K, n], with W given packed (float32 or bfloat16): [M, n] float32. `isa`:
+    the instruction set's library to run (default: the active one)."""
     target = _target("packed_matmul", _kernel_isa(isa))
     assert x.ndim == 2 and packed.shape == packed_shape(x.shape[1], n), (x.shape, packed.shape, n)
-    if x.dtype != jnp.float32 or packed.dtype != jnp.float32:
-        raise TypeError(f"the CPU kernel is float32 only, got {x.dtype} @ {packed.dtype}")
+    if x.dtype != jnp.float32 or packed.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"the CPU kernel multiplies float32 rows by float32 or bfloat16 weights, got {x.dtype} @ "
+                        f"{packed.dtype}")
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(x, packed)
 
 

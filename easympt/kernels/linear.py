@@ -3,7 +3,8 @@ the model's layers what runs here, and `pack_params` / `unpack_params` convert a
 between the layouts. Layers ask for "a dense layer" and never see how weights are laid out.
 
 Layouts: plain ([K, N] kernels, XLA's dot; training, accelerators, meshes) and packed (48-column
-panels [ceil(N/48), K, 48] read by easympt's CPU kernels, easympt.kernels.cpu; float32 inference).
+panels [ceil(N/48), K, 48] read by easympt's CPU kernels, easympt.kernels.cpu: float32 compute over
+float32 or bfloat16 weights, inference). Packing keeps each weight's dtype.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class FlatDense(nn.Dense):
 
 class PackedDense(nn.Module):
     """FlatDense for inference with easympt's CPU kernel: the kernel is stored in 48-column panels
-    [ceil(N/48), K, 48] (easympt.kernels.cpu), float32."""
+    [ceil(N/48), K, 48] (easympt.kernels.cpu), float32 or bfloat16; float32 out."""
 
     features: int
     use_bias: bool = True
@@ -62,7 +63,7 @@ class PackedEmbed(nn.Module):
         self.embedding = self.param("embedding", lambda rng: cpu.pack(self.embedding_init(rng, (V, E)).T))
 
     def __call__(self, ids):
-        return cpu.packed_rows(self.embedding, ids)
+        return cpu.packed_rows(self.embedding, ids).astype(jnp.float32)
 
     def attend(self, query):
         return cpu.packed_matmul(query.astype(jnp.float32), self.embedding, self.num_embeddings)
@@ -93,15 +94,18 @@ def _is_embedding(path) -> bool:
     return path_str(path).split("/")[-2:] == ["wte", "embedding"]
 
 
-def pack_params(params: dict) -> dict:
+def pack_params(params: dict, weight_dtype=None) -> dict:
     """A causal LM's parameters with every dense kernel [K, N] packed, and the token embedding [V, E]
-    packed as the tied head reads it (its transpose): the tree a `cpu_kernels=True` module expects."""
+    packed as the tied head reads it (its transpose): the tree a `cpu_kernels=True` module expects.
+    `weight_dtype` (float32 or bfloat16): the packed matrices' dtype (None: each keeps its own);
+    norms and biases are left as they are."""
+    cast = (lambda x: x) if weight_dtype is None else (lambda x: x.astype(weight_dtype))  # noqa: E731
 
     def leaf(path, x):
         if path_str(path).split("/")[-1] == "kernel" and x.ndim == 2:
-            return _pack_jit(x)
+            return _pack_jit(cast(x))
         if _is_embedding(path):
-            return _pack_jit(x.T)
+            return _pack_jit(cast(x).T)
         return x
 
     return jax.tree_util.tree_map_with_path(leaf, params)

@@ -16,20 +16,33 @@ namespace {
 std::mt19937 rng(0);
 float Normal() { return std::normal_distribution<float>(0.0f, 1.0f)(rng); }
 
+// float32 -> bfloat16 bits (truncated; the reference then reads the same rounded values)
+uint16_t Bf16Bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  return uint16_t(bits >> 16);
+}
+
 // W [K, N] -> panels [ceil(N/48), K, 48], zero past N (easympt.kernels.cpu.pack)
-std::vector<float> Pack(const std::vector<float>& w, int64_t K, int64_t N) {
+template <typename T>
+std::vector<T> Pack(const std::vector<float>& w, int64_t K, int64_t N) {
   const int64_t P = (N + kPanel - 1) / kPanel;
-  std::vector<float> out(P * K * kPanel, 0.0f);
+  std::vector<T> out(P * K * kPanel, T(0));
   for (int64_t k = 0; k < K; ++k)
-    for (int64_t n = 0; n < N; ++n) out[(n / kPanel) * K * kPanel + k * kPanel + n % kPanel] = w[k * N + n];
+    for (int64_t n = 0; n < N; ++n) {
+      const float v = w[k * N + n];
+      T& dst = out[(n / kPanel) * K * kPanel + k * kPanel + n % kPanel];
+      if constexpr (sizeof(T) == 2) dst = Bf16Bits(v); else dst = v;
+    }
   return out;
 }
 
+template <typename T>
 bool CheckMatmul(int64_t M, int64_t K, int64_t N) {
   std::vector<float> x(M * K), w(K * N), y(M * N, NAN);
   for (auto& v : x) v = Normal();
-  for (auto& v : w) v = Normal();
-  const std::vector<float> packed = Pack(w, K, N);
+  for (auto& v : w) v = sizeof(T) == 2 ? Widen(Bf16Bits(Normal())) : Normal();
+  const std::vector<T> packed = Pack<T>(w, K, N);
   Panels(x.data(), M, K, packed.data(), y.data(), N, 0, (N + kPanel - 1) / kPanel);
   double worst = 0.0;
   for (int64_t m = 0; m < M; ++m)
@@ -39,8 +52,8 @@ bool CheckMatmul(int64_t M, int64_t K, int64_t N) {
       worst = std::max(worst, std::fabs(want - y[m * N + n]) / std::sqrt(double(K)));
     }
   const bool ok = worst < 1e-4;
-  std::printf("%s matmul M=%lld K=%lld N=%lld: max |err| / sqrt(K) %.2e %s\n", EASYMPT_ISA, (long long)M,
-              (long long)K, (long long)N, worst, ok ? "ok" : "FAILED");
+  std::printf("%s matmul %s M=%lld K=%lld N=%lld: max |err| / sqrt(K) %.2e %s\n", EASYMPT_ISA,
+              sizeof(T) == 2 ? "bf16" : "f32", (long long)M, (long long)K, (long long)N, worst, ok ? "ok" : "FAILED");
   return ok;
 }
 
@@ -59,18 +72,8 @@ bool CheckDecode(int64_t G, int64_t D, int64_t S, int32_t q_slot, bool bf16) {
   const float scale = 0.3f;
   if (bf16) {  // keys and values as bfloat16 bits (rounded toward zero here), the reference reads the same
     std::vector<uint16_t> kb(kt.size()), vb(v.size());
-    for (size_t i = 0; i < kt.size(); ++i) {
-      uint32_t bits;
-      std::memcpy(&bits, &kt[i], 4);
-      kb[i] = uint16_t(bits >> 16);
-      kt[i] = Widen(kb[i]);
-    }
-    for (size_t i = 0; i < v.size(); ++i) {
-      uint32_t bits;
-      std::memcpy(&bits, &v[i], 4);
-      vb[i] = uint16_t(bits >> 16);
-      v[i] = Widen(vb[i]);
-    }
+    for (size_t i = 0; i < kt.size(); ++i) kt[i] = Widen(kb[i] = Bf16Bits(kt[i]));
+    for (size_t i = 0; i < v.size(); ++i) v[i] = Widen(vb[i] = Bf16Bits(v[i]));
     DecodeRow<uint16_t>(0, q.data(), kb.data(), vb.data(), q_slot, valid, slopes.data(), scale, G, D, S, out.data(),
                         scores.data());
   } else {
@@ -108,7 +111,7 @@ int main() {
   bool ok = true;
   for (int64_t M : {1, 2, 3, 5, 8, 9, 17, 40})
     for (auto [K, N] : {std::pair<int64_t, int64_t>{64, 100}, {130, 200}, {16, 48}, {40, 1}, {300, 500}})
-      ok = CheckMatmul(M, K, N) && ok;
+      ok = CheckMatmul<float>(M, K, N) && CheckMatmul<uint16_t>(M, K, N) && ok;
   for (bool bf16 : {false, true})
     for (auto [G, D, S, slot] : {std::tuple<int64_t, int64_t, int64_t, int32_t>{1, 16, 37, 36}, {3, 64, 64, 20},
                                  {8, 32, 130, 129}, {2, 16, 200, 5}})
