@@ -17,8 +17,8 @@ def last_json(stdout: str) -> dict:
 
 
 def test_bench_generate_runs_cached_transformers_on_the_same_checkpoint():
-    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_generate.py"), "--geometry", "tiny"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_generate.py"), "--geometry", "tiny",
+                        "--formats", "fp32,bf16"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = last_json(r.stdout)
     peer = result["transformers"]
@@ -27,6 +27,9 @@ def test_bench_generate_runs_cached_transformers_on_the_same_checkpoint():
     # figures are reported, not judged here: timings belong to benchmarks, not to tests
     assert {"step_growth_b1", "spread_b1", "ratio_decode_b1", "ratio_decode_b8", "ratio_ttft", "threads"} <= set(peer)
     assert "greedy_b1" not in result["easympt"]  # token lists are compared, not printed
+    half = result["easympt_bf16"]  # the same weights as bf16 under float32 compute, timed in turns too
+    assert {"decode_tok_s_b1", "decode_tok_s_b8", "ttft_512_s", "greedy_match_fp32_b1"} <= set(half)
+    assert "cpu" in result and "cpu_isa" in result  # figures name the CPU and instruction set
 
 
 def test_systems_are_timed_in_turns_and_figures_follow_the_definitions(monkeypatch):

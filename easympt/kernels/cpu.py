@@ -34,13 +34,19 @@ ISAS = ("avx512", "avx2", "portable")  # best first
 ISA_ENV = "EASYMPT_CPU_ISA"
 
 
+def _library_path(isa: str) -> str | None:
+    """Where the library built for `isa` is installed (setup.py: easympt.kernels._cpu_<isa>), or None."""
+    spec = importlib.util.find_spec(f"easympt.kernels._cpu_{isa}")  # found, not imported: no Python module
+    return None if spec is None else spec.origin
+
+
 @functools.cache
 def _load(isa: str) -> ctypes.CDLL | None:
     """The library built for `isa`, its FFI targets registered with XLA once; None where it was not built."""
-    spec = importlib.util.find_spec(f"easympt.kernels._cpu_{isa}")
-    if spec is None or spec.origin is None:
+    path = _library_path(isa)
+    if path is None:
         return None
-    lib = ctypes.CDLL(spec.origin)  # RTLD_LOCAL: each ISA's library keeps its own symbols
+    lib = ctypes.CDLL(path)  # RTLD_LOCAL: each ISA's library keeps its own symbols
     jax.ffi.register_ffi_target(_target("packed_matmul", isa), jax.ffi.pycapsule(lib.EasymptPackedMatmul),
                                 platform="cpu")
     jax.ffi.register_ffi_target(_target("decode_attention", isa), jax.ffi.pycapsule(lib.EasymptDecodeAttention),
@@ -60,8 +66,7 @@ def built_isas() -> tuple[str, ...]:
     if portable is None:
         return ()
     portable.EasymptCpuSupports.argtypes = [ctypes.c_char_p]
-    return tuple(isa for isa in ISAS if portable.EasymptCpuSupports(isa.encode())
-                 and importlib.util.find_spec(f"easympt.kernels._cpu_{isa}") is not None)
+    return tuple(isa for isa in ISAS if portable.EasymptCpuSupports(isa.encode()) and _library_path(isa))
 
 
 def active_isa() -> str | None:
