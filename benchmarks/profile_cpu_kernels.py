@@ -134,7 +134,8 @@ def main() -> int:
     bandwidth = memory_bandwidth()
     rows = layer_products(args.reps, isas) + attention(args.reps, isas)
     names = ["xla", *isas]
-    print(f"{machine()['cpu']}: measured read bandwidth {bandwidth / 1e9:.1f} GB/s; ms per system (GB/s where the step is read-bound)")
+    print(f"{machine()['cpu']}: measured read bandwidth {bandwidth / 1e9:.1f} GB/s; ms per system "
+          "(GB/s where the step is read-bound)")
     print(f"{'':84s}" + "".join(f"{n:>16s}" for n in names))
     for r in rows:
         cells = [f"{r[f'{n}_ms']:7.2f}" + (f" ({r[f'{n}_gb_s']:5.1f})" if f"{n}_gb_s" in r else " " * 8)

@@ -123,7 +123,7 @@ class MptModule(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     precision: jax.lax.Precision | None = None
     mesh: jax.sharding.Mesh | None = None
-    attention: str = "auto"  # attention kernel: "auto" (by shape), "dense", "blockwise", "pallas" (easympt.kernels.attention)
+    attention: str = "auto"  # "auto" (by shape), "dense", "blockwise", "pallas" (easympt.kernels.attention)
     cpu_kernels: bool = False
 
     def dense(self, features: int, kernel_init, use_bias: bool, name: str | None = None) -> nn.Module:

@@ -183,8 +183,11 @@ def test_a_forced_instruction_set_that_cannot_run_is_a_clear_error(monkeypatch):
 def test_the_isa_is_chosen_at_run_time_in_a_fresh_process():
     """A fresh process picks the best set the CPU runs, or the one EASYMPT_CPU_ISA names."""
     code = "from easympt.kernels import cpu; print(cpu.active_isa())"
-    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,  # noqa: E731
-                                     check=True).stdout.strip()
+
+    def run(env):
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
     env = {k: v for k, v in os.environ.items() if k != cpu.ISA_ENV}
     assert run(env) == cpu.built_isas()[0]
     assert run({**env, cpu.ISA_ENV: "portable"}) == "portable"

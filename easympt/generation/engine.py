@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easympt.kernels import cpu, linear
 from easympt.cache import KVCache, cache_rows
 from easympt.dtypes import resolve_dtype
 from easympt.generation.sampling import (MAX_LOGPROBS, NO_STOP, SamplingConfig, SamplingRows, TokenLogprobs, sample,
                                         token_logprobs)
+from easympt.kernels import cpu, linear
 from easympt.model import FlaxMptForCausalLM, unwrap_params
 
 
@@ -111,8 +111,9 @@ class GenerationEngine:
     `cpu_kernels`: run the weight products on a packed copy of the weights and decode attention over
     the slots rows hold with easympt's CPU kernels (easympt.kernels.cpu; ~2x faster decode at batch 8,
     ~1.2x at batch 1). None: wherever they can run (JAX on CPU, the kernels built for this CPU,
-    float32, no mesh). The engine then holds the packed copy; drop other references to `params` to
-    keep one copy in memory.
+    float32 compute over float32 or bfloat16 weights, no mesh). The engine then holds the packed copy,
+    in the model's weight dtype (`param_dtype`); drop other references to `params` to keep one copy
+    in memory.
 
     `kv_dtype`: the KV cache's dtype (default: the model's compute dtype). A bfloat16 cache under
     float32 compute halves the bytes a long-context decode step reads (the attention kernel widens

@@ -105,7 +105,8 @@ def _backward(q, kt, v, mask, slopes, scale, tq, tk, precision, out, lse, dout):
             ds = p * (dp.reshape(p.shape) - delta_b[..., None]) * scale
             dq_b = jnp.einsum("ngqs,nds->ngqd", merged_heads(ds), kb.astype(jnp.float32), precision=precision)
             dqb = dqb + dq_b.reshape(dqb.shape)
-            dk_b = jnp.einsum("ngqs,ngqd->nds", merged_heads(ds), merged_heads(qb.astype(jnp.float32)), precision=precision)
+            dk_b = jnp.einsum("ngqs,ngqd->nds", merged_heads(ds), merged_heads(qb.astype(jnp.float32)),
+                              precision=precision)
             dk = jax.lax.dynamic_update_slice_in_dim(dk, jax.lax.dynamic_slice_in_dim(dk, ks, tk, 2) + dk_b, ks, 2)
             dv = jax.lax.dynamic_update_slice_in_dim(dv, jax.lax.dynamic_slice_in_dim(dv, ks, tk, 1) + dv_b, ks, 1)
             return dk, dv, dqb

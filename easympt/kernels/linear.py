@@ -4,7 +4,7 @@ between the layouts. Layers ask for "a dense layer" and never see how weights ar
 
 Layouts: plain ([K, N] kernels, XLA's dot; training, accelerators, meshes) and packed (48-column
 panels [ceil(N/48), K, 48] read by easympt's CPU kernels, easympt.kernels.cpu: float32 compute over
-float32 or bfloat16 weights, inference). Packing keeps each weight's dtype.
+float32 or bfloat16 weights, inference).
 """
 
 from __future__ import annotations
