@@ -146,9 +146,15 @@ def cmd_train(args) -> int:
 
 def cmd_serve(args) -> int:
     import logging
+    import signal
     import time
 
     from easympt.serve import JaxServerConfig, MPTJaxServer
+
+    # Ctrl-C (SIGINT) stops the server even when the parent started it with SIGINT ignored, as a
+    # script's background jobs and pytest-xdist's workers do: an ignored signal is inherited across
+    # exec, and Python then never raises KeyboardInterrupt (the two-process test hung on it)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     source = args.model
@@ -192,9 +198,8 @@ def cmd_serve(args) -> int:
     sys.stdout.flush()
     try:
         while True:
-            # short sleeps: Ctrl-C (SIGINT) may land on any thread (uvicorn's, the scheduler's, XLA's);
-            # Python runs its handler in the main thread only when that thread next wakes, and an hour's
-            # sleep is not woken by a signal another thread took (the two-process test hung on it)
+            # short sleeps: Ctrl-C may land on any thread (uvicorn's, the scheduler's, XLA's); Python
+            # raises it in the main thread when that thread next runs, which an hour's sleep delays
             time.sleep(0.5)
     except KeyboardInterrupt:
         server.shutdown()

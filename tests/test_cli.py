@@ -1,6 +1,7 @@
 """`easympt ...` as a user types it."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -59,16 +60,21 @@ def test_convert_round_trip(lm_checkpoint, tmp_path):
     assert "model.safetensors.index.json" in files and "tokenizer.json" in files
 
 
-def test_serve_answers_over_http(lm_checkpoint):
+def test_serve_answers_over_http_and_stops_on_ctrl_c(lm_checkpoint):
+    """Started the way a script's background job (or a pytest-xdist worker) starts it, with SIGINT
+    ignored, the server still stops on Ctrl-C."""
     port = free_port()
     proc = subprocess.Popen(EASYMPT + ["serve", lm_checkpoint, "--port", str(port), "--max-length", "128",
                                        "--max-compile-tokens", "16", "--max-new-tokens", "16", "--no-gradio"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for_health(proc, url)
         r = httpx.post(url + "/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
     finally:
-        proc.terminate()
+        proc.kill()
         proc.wait(30)
