@@ -114,15 +114,19 @@ def compare(ours: dict, peer: dict) -> dict:
 PEER_FORMAT = {"bf16": "f16"}  # the llama.cpp GGUF type of the same bytes per weight
 
 
+def build_engine(model, params, args, kv_dtype=None) -> GenerationEngine:
+    """The benchmark's engine: room for the 2,048-token context and two runs of new tokens."""
+    return GenerationEngine(model, params, max_length=CONTEXT + 2 * NEW, max_compile_tokens=args.max_compile_tokens,
+                            cpu_kernels=False if args.no_cpu_kernels else None, kv_dtype=kv_dtype)
+
+
 def format_engine(fmt: str, config, params, args) -> GenerationEngine:
     """An engine over the same weights in another format: bf16 is 16-bit weights under float32
     compute (easympt.dtypes.inference_dtypes; on CPU the kernels read bfloat16 panels)."""
     if fmt != "bf16":
         raise SystemExit(f"--formats: {fmt!r} is not one of fp32, bf16")
     model = FlaxMptForCausalLM(config, dtype=jnp.float32, param_dtype=jnp.bfloat16, _do_init=False)
-    weights = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
-    return GenerationEngine(model, weights, max_length=CONTEXT + 2 * NEW, max_compile_tokens=args.max_compile_tokens,
-                            cpu_kernels=False if args.no_cpu_kernels else None)
+    return build_engine(model, jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params), args)
 
 
 def main() -> int:
@@ -152,8 +156,7 @@ def main() -> int:
         p1 = rng.integers(0, V, (1, PROMPT))
         p8 = rng.integers(0, V, (8, PROMPT))
         plong = rng.integers(0, V, (1, LONG_PROMPT))
-        engine = GenerationEngine(model, params, max_length=CONTEXT + 2 * NEW, max_compile_tokens=args.max_compile_tokens,
-                                  cpu_kernels=False if args.no_cpu_kernels else None)
+        engine = build_engine(model, params, args)
 
         # first call after precompile vs a steady call (compilation itself is excluded by warming
         # every shape once with other data, as `pre_compile` does in the server)
@@ -195,8 +198,7 @@ def main() -> int:
         # the long-context ratio, with the float32 cache and with a bfloat16 one (half the bytes a step
         # reads from it), all four timed in turns
         pctx = rng.integers(0, V, (1, CONTEXT))
-        half = GenerationEngine(model, params, max_length=CONTEXT + 2 * NEW, max_compile_tokens=args.max_compile_tokens,
-                                cpu_kernels=False if args.no_cpu_kernels else None, kv_dtype="bfloat16")
+        half = build_engine(model, params, args, kv_dtype="bfloat16")
         run_easympt(half, p1, NEW)  # compile
         run_easympt(half, pctx, NEW)
         ctx = decode_only_tok_s({"b1": (engine, p1), "b1_ctx2048": (engine, pctx), "b1_bf16_cache": (half, p1),

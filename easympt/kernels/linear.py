@@ -99,13 +99,12 @@ def pack_params(params: dict, weight_dtype=None) -> dict:
     packed as the tied head reads it (its transpose): the tree a `cpu_kernels=True` module expects.
     `weight_dtype` (float32 or bfloat16): the packed matrices' dtype (None: each keeps its own);
     norms and biases are left as they are."""
-    cast = (lambda x: x) if weight_dtype is None else (lambda x: x.astype(weight_dtype))  # noqa: E731
 
     def leaf(path, x):
         if path_str(path).split("/")[-1] == "kernel" and x.ndim == 2:
-            return _pack_jit(cast(x))
+            return _pack_jit(x.astype(weight_dtype or x.dtype))
         if _is_embedding(path):
-            return _pack_jit(cast(x).T)
+            return _pack_jit(x.astype(weight_dtype or x.dtype).T)
         return x
 
     return jax.tree_util.tree_map_with_path(leaf, params)
