@@ -4,7 +4,10 @@ mpt-125m layers (batch 1, 2, 4, 8, 16), single products of prompt size, and twel
 attention (rows holding part of the cache). Medians of runs taken in turns; GB/s against the
 machine's measured read bandwidth (the roofline of a decode step).
 
-    python benchmarks/profile_cpu_kernels.py [--reps 20] [--isa avx2,portable]
+    python benchmarks/profile_cpu_kernels.py [--reps 20] [--isa avx2,portable] [--format int4]
+
+--format: the kernels' weight format (fp32, bf16, int8, int4; XLA stays float32): GB/s then count
+the bytes that format reads.
 
 Prints a table and one JSON line. Needs the kernels (a C++ compiler at install).
 """
@@ -21,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easympt.kernels import cpu
+from easympt.kernels import cpu, linear, quant
 from easympt.kernels.dense_attention import dense_attention
 from easympt.kernels.mask import AttentionMask
 from easympt.layers import alibi_slopes
@@ -50,12 +53,22 @@ def memory_bandwidth(nbytes: int = 1 << 30) -> float:
     return nbytes / min(interleaved({"sum": f}, {"sum": (x,)}, 5)["sum"] for _ in range(2))
 
 
-def layer_products(reps: int, isas) -> list[dict]:
+def packed_product(fmt: str):
+    """(pack(w) -> the kernel's operand, product(x, operand, n, isa)) for a weight format."""
+    if fmt in quant.FORMATS:
+        return (lambda w: linear.pack_quantized(quant.quantize(w, fmt)),
+                lambda x, a, n, isa: cpu.packed_matmul_quant(x, a["q"], a["scale"], n, isa))
+    dtype = jnp.bfloat16 if fmt == "bf16" else jnp.float32
+    return lambda w: cpu.pack(w.astype(dtype)), lambda x, a, n, isa: cpu.packed_matmul(x, a, n, isa)
+
+
+def layer_products(reps: int, isas, fmt: str = "fp32") -> list[dict]:
     rng = np.random.default_rng(0)
     shapes = [(E, 3 * E), (E, E), (E, F), (F, E)]
     plain = [[jnp.asarray(rng.standard_normal(s, np.float32) * 0.02) for s in shapes] for _ in range(LAYERS)]
-    packed = [[cpu.pack(w) for w in layer] for layer in plain]
-    nbytes = sum(w.size * 4 for layer in plain for w in layer)
+    pack, product = packed_product(fmt)
+    packed = [[pack(w) for w in layer] for layer in plain]
+    nbytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(packed))  # the bytes the kernels read
 
     def chain(mm):
         def f(ws, x):
@@ -67,20 +80,19 @@ def layer_products(reps: int, isas) -> list[dict]:
         return jax.jit(f)
 
     fns = {"xla": chain(lambda x, w, n: x @ w),
-           **{isa: chain(functools.partial(cpu.packed_matmul, isa=isa)) for isa in isas}}
+           **{isa: chain(lambda x, a, n, isa=isa: product(x, a, n, isa)) for isa in isas}}
     rows = []
     for B in (1, 2, 4, 8, 16):
         x = jnp.full((B, E), 0.1, jnp.float32)
         t = interleaved(fns, {name: (plain if name == "xla" else packed, x) for name in fns}, reps)
-        rows.append(_row(f"12 layers' weight products, batch {B}", t, nbytes))
+        rows.append(_row(f"12 layers' weight products ({fmt}), batch {B}", t, nbytes))
     w = jnp.asarray(rng.standard_normal((E, F), np.float32) * 0.02)
     fns = {"xla": jax.jit(lambda x, w: x @ w),
-           **{isa: jax.jit(functools.partial(lambda x, w, isa: cpu.packed_matmul(x, w, F, isa), isa=isa))
-              for isa in isas}}
+           **{isa: jax.jit(functools.partial(lambda x, a, isa: product(x, a, F, isa), isa=isa)) for isa in isas}}
     for M in (512, 2048):
         x = jnp.asarray(rng.standard_normal((M, E), np.float32))
-        t = interleaved(fns, {name: (x, w if name == "xla" else cpu.pack(w)) for name in fns}, reps)
-        rows.append(_row(f"[{M}, {E}] x [{E}, {F}] (a prompt)", t, None))
+        t = interleaved(fns, {name: (x, w if name == "xla" else pack(w)) for name in fns}, reps)
+        rows.append(_row(f"[{M}, {E}] x [{E}, {F}] ({fmt}, a prompt)", t, None))
     return rows
 
 
@@ -125,6 +137,8 @@ def attention(reps: int, isas) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--format", default="fp32", choices=("fp32", "bf16", *quant.FORMATS),
+                    help="the kernels' weight format (XLA's product stays float32)")
     ap.add_argument("--isa", default=None, help="comma-separated instruction sets (default: every one built here)")
     args = ap.parse_args()
     isas = [cpu.check_isa(i) for i in args.isa.split(",")] if args.isa else list(cpu.built_isas())
@@ -132,7 +146,7 @@ def main() -> int:
         print("easympt's CPU kernels are not available here (not built, or JAX not on CPU)")
         return 1
     bandwidth = memory_bandwidth()
-    rows = layer_products(args.reps, isas) + attention(args.reps, isas)
+    rows = layer_products(args.reps, isas, args.format) + attention(args.reps, isas)
     names = ["xla", *isas]
     print(f"{machine()['cpu']}: measured read bandwidth {bandwidth / 1e9:.1f} GB/s; ms per system "
           "(GB/s where the step is read-bound)")
@@ -141,7 +155,8 @@ def main() -> int:
         cells = [f"{r[f'{n}_ms']:7.2f}" + (f" ({r[f'{n}_gb_s']:5.1f})" if f"{n}_gb_s" in r else " " * 8)
                  for n in names]
         print(f"{r['what']:84s}" + "".join(f"{c:>16s}" for c in cells))
-    print(json.dumps({"backend": jax.default_backend(), **machine(), "isas": isas, "bandwidth_gb_s": bandwidth / 1e9,
+    print(json.dumps({"backend": jax.default_backend(), **machine(), "isas": isas, "format": args.format,
+                      "bandwidth_gb_s": bandwidth / 1e9,
                       "rows": rows}))
     return 0
 

@@ -116,7 +116,8 @@ class MptModule(nn.Module):
     """Fields every MPT module carries: the config, dtypes, matmul precision and
     the mesh its activations are constrained to (None: no constraints). `cpu_kernels`: easympt's CPU
     kernels for inference (easympt.kernels.cpu): weights in packed panels, decode attention over the
-    slots rows hold; float32, set by the GenerationEngine."""
+    slots rows hold; float32, set by the GenerationEngine. `quantize`: the dense layers' weight format
+    (None: float in param_dtype; "int8", "int4": easympt.kernels.quant)."""
 
     config: MptConfig
     dtype: jnp.dtype = jnp.float32
@@ -125,11 +126,15 @@ class MptModule(nn.Module):
     mesh: jax.sharding.Mesh | None = None
     attention: str = "auto"  # "auto" (by shape), "dense", "blockwise", "pallas" (easympt.kernels.attention)
     cpu_kernels: bool = False
+    quantize: str | None = None
 
-    def dense(self, features: int, kernel_init, use_bias: bool, name: str | None = None) -> nn.Module:
-        """The model's dense layer for its weight layout (easympt.kernels.linear)."""
+    def dense(self, features: int, kernel_init, use_bias: bool, name: str | None = None,
+              quantize: str | None = "model") -> nn.Module:
+        """The model's dense layer for its weight layout and format (easympt.kernels.linear); `quantize`
+        overrides the model's format for one layer (a head)."""
         return dense_layer(features, kernel_init=kernel_init, use_bias=use_bias, packed=self.cpu_kernels,
-                           dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name=name)
+                           dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                           quantize=self.quantize if quantize == "model" else quantize, name=name)
 
 
 # ------------------------------------------------------------------- attention

@@ -18,6 +18,7 @@ from easympt.config import MptConfig
 from easympt.dtypes import default_compute_dtype, resolve_dtype
 from easympt.kernels.attention import ATTENTION_KERNELS, AttentionMask
 from easympt.kernels.linear import embedding_layer, flat_tokens
+from easympt.kernels.quant import check_format, embedding_format
 from easympt.layers import MptAttention, MptFFN, MptModule, initializers, make_norm, ordered_after
 from easympt.sharding import constrain
 
@@ -28,7 +29,7 @@ class MptBlock(MptModule):
     def __call__(self, x, mask: AttentionMask, layer_cache=None, write_index=None, deterministic=True):
         c = self.config
         sub = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                   mesh=self.mesh, attention=self.attention, cpu_kernels=self.cpu_kernels)
+                   mesh=self.mesh, attention=self.attention, cpu_kernels=self.cpu_kernels, quantize=self.quantize)
         h, layer_cache = MptAttention(**sub, name="attn")(
             make_norm(c, "norm_1", self.dtype, self.param_dtype)(x), mask, layer_cache, write_index,
             deterministic)
@@ -51,12 +52,12 @@ class MptTransformer(MptModule):
         c = self.config
         _, _, emb_init = initializers(c)
         self.wte = embedding_layer(c.vocab_size, c.d_model, embedding_init=emb_init, packed=self.cpu_kernels,
-                                   dtype=self.dtype, param_dtype=self.param_dtype)
+                                   dtype=self.dtype, param_dtype=self.param_dtype, quantize=self.quantize)
         if c.uses_learned_pos_emb:
             self.wpe = nn.Embed(c.max_seq_len, c.d_model, embedding_init=emb_init, dtype=self.dtype,
                                 param_dtype=self.param_dtype)
         self.blocks = [MptBlock(c, self.dtype, self.param_dtype, self.precision, self.mesh, self.attention,
-                                self.cpu_kernels) for _ in range(c.n_layers)]
+                                self.cpu_kernels, self.quantize) for _ in range(c.n_layers)]
         self.norm_f = make_norm(c, None, self.dtype, self.param_dtype)
         self.emb_drop = nn.Dropout(c.emb_pdrop)
 
@@ -155,10 +156,11 @@ class MptTaskModule(MptModule):
 
     def make_trunk(self) -> MptTransformer:
         return MptTransformer(self.config, self.dtype, self.param_dtype, self.precision, self.mesh, self.attention,
-                              self.cpu_kernels, remat=self.remat)
+                              self.cpu_kernels, self.quantize, remat=self.remat)
 
-    def head(self, features: int, use_bias: bool) -> nn.Module:
-        return self.dense(features, initializers(self.config)[0], use_bias)
+    def head(self, features: int, use_bias: bool, quantize: str | None = None) -> nn.Module:
+        """An output layer; float unless `quantize` (task heads have a handful of outputs: nothing to gain)."""
+        return self.dense(features, initializers(self.config)[0], use_bias, quantize=quantize)
 
 
 class MptForCausalLMModule(MptTaskModule):
@@ -166,7 +168,8 @@ class MptForCausalLMModule(MptTaskModule):
     def setup(self):
         self.transformer = self.make_trunk()
         if not self.config.tie_word_embeddings:
-            self.lm_head = self.head(self.config.vocab_size, use_bias=False)
+            self.lm_head = self.head(self.config.vocab_size, use_bias=False,
+                                     quantize=embedding_format(self.quantize))  # at most int8, as the tied head
 
     def __call__(self, input_ids, attention_mask=None, cache=None, prefix_mask=None, sequence_id=None,
                  deterministic=True, logits_slice=None, cache_window: int | None = None):
@@ -213,17 +216,20 @@ class FlaxMptPreTrainedModel:
 
     def __init__(self, config: MptConfig, dtype=None, param_dtype=jnp.float32, precision=None,
                  _do_init: bool = True, input_shape=(1, 1), seed: int = 0, mesh=None, remat: bool = False,
-                 attention: str = "auto"):
+                 attention: str = "auto", quantize: str | None = None):
         """attention: "auto" (dense for short inputs, blockwise for long), "dense", "blockwise" or
-        "pallas" (easympt.kernels.pallas_attention: a Pallas kernel for accelerators, interpreted on CPU)."""
+        "pallas" (easympt.kernels.pallas_attention: a Pallas kernel for accelerators, interpreted on CPU).
+        quantize: the weight format of the matrices, None (float, `param_dtype`), "int8" or "int4"
+        (easympt.kernels.quant; weight-only: compute stays in `dtype`, norms and biases in `param_dtype`)."""
         if attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION_KERNELS)}")
         self.config = config
         self.dtype = resolve_dtype(dtype) or default_compute_dtype()
         self.param_dtype = resolve_dtype(param_dtype)
         self.input_shape = tuple(input_shape)
+        self.quantize = check_format(quantize)
         self.module = self.module_class(config, self.dtype, self.param_dtype, precision, mesh, attention,
-                                        remat=remat)
+                                        quantize=self.quantize, remat=remat)
         self._forward = jax.jit(self._apply, static_argnames=("deterministic",))
         self.params = self.init_weights(jax.random.PRNGKey(seed), self.input_shape) if _do_init else None
 

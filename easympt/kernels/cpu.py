@@ -49,6 +49,8 @@ def _load(isa: str) -> ctypes.CDLL | None:
     lib = ctypes.CDLL(path)  # RTLD_LOCAL: each ISA's library keeps its own symbols
     jax.ffi.register_ffi_target(_target("packed_matmul", isa), jax.ffi.pycapsule(lib.EasymptPackedMatmul),
                                 platform="cpu")
+    jax.ffi.register_ffi_target(_target("packed_matmul_quant", isa), jax.ffi.pycapsule(lib.EasymptPackedMatmulQuant),
+                                platform="cpu")
     jax.ffi.register_ffi_target(_target("decode_attention", isa), jax.ffi.pycapsule(lib.EasymptDecodeAttention),
                                 platform="cpu")
     return lib
@@ -145,6 +147,20 @@ def packed_matmul(x: jax.Array, packed: jax.Array, n: int, isa: str | None = Non
         raise TypeError(f"the CPU kernel multiplies float32 rows by float32 or bfloat16 weights, got {x.dtype} @ "
                         f"{packed.dtype}")
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(x, packed)
+
+
+def packed_matmul_quant(x: jax.Array, packed: jax.Array, scale: jax.Array, n: int, isa: str | None = None) -> jax.Array:
+    """x [M, K] float32 @ W [K, n], W given in 8 or 4 bits packed by easympt.kernels.linear.pack_quantized:
+    int8 panels [ceil(n/48), K, 48] with float32 scales [1, 48 * panels], or int4 pairs uint8
+    [ceil(n/48), K/2, 48] with bfloat16 scales [ceil(n/48), K/32, 48] -> [M, n] float32."""
+    target = _target("packed_matmul_quant", _kernel_isa(isa))
+    panels, K = packed_shape(x.shape[1], n)[:2]
+    rows = K if packed.dtype == jnp.int8 else K // 2
+    assert x.ndim == 2 and packed.shape == (panels, rows, PANEL), (x.shape, packed.shape, n)
+    if x.dtype != jnp.float32 or packed.dtype not in (jnp.int8, jnp.uint8):
+        raise TypeError(f"the CPU kernel multiplies float32 rows by int8 or int4 (uint8 pairs) weights, got "
+                        f"{x.dtype} @ {packed.dtype}")
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(x, packed, scale)
 
 
 # what the attention kernel reads: float32, or bfloat16 (half the bytes), also as its uint16 bits (easympt.cache)

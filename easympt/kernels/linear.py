@@ -5,6 +5,11 @@ between the layouts. Layers ask for "a dense layer" and never see how weights ar
 Layouts: plain ([K, N] kernels, XLA's dot; training, accelerators, meshes) and packed (48-column
 panels [ceil(N/48), K, 48] read by easympt's CPU kernels, easympt.kernels.cpu: float32 compute over
 float32 or bfloat16 weights, inference).
+
+Formats (easympt.kernels.quant): float (the param dtype), or `int8` / `int4` weight-only
+quantization, where a matrix is stored as "kernel" (int8, or uint8 nibble pairs) and "scale". The
+plain layout dequantizes inside the product (XLA fuses the widening into the dot's operand); the
+packed one hands the 8- or 4-bit panels to the CPU kernel, which widens them in registers.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from easympt.kernels import cpu
+from easympt.kernels import cpu, quant
 from easympt.sharding import path_str
 
 
@@ -69,9 +74,110 @@ class PackedEmbed(nn.Module):
         return cpu.packed_matmul(query.astype(jnp.float32), self.embedding, self.num_embeddings)
 
 
+def _quantized_param(module: nn.Module, init, shape, quantize: str, packed: bool, axis: int = 0):
+    """(q, scale) params of a quantized matrix of float `shape`, initialised by quantizing `init`'s
+    float matrix (a random quantized model; loaded weights replace it), packed into panels when
+    `packed` (the embedding is packed as the tied head reads it, transposed)."""
+
+    def make(rng):
+        w = init(rng, shape, jnp.float32)
+        if axis:  # the embedding [V, E]: int8, a scale per token row; packed as the head reads it
+            arrays = quant.quantize(w, "int8", axis=1)
+            return pack_quantized({"q": arrays["q"].T, "scale": arrays["scale"].T}) if packed else arrays
+        arrays = quant.quantize(w, quantize)
+        return pack_quantized(arrays) if packed else arrays
+
+    made = None
+
+    def once(rng):  # one float matrix for both params
+        nonlocal made
+        if made is None:
+            made = make(rng)
+        return made
+
+    name = "embedding" if axis else "kernel"
+    return (module.param(name, lambda rng: once(rng)["q"]), module.param("scale", lambda rng: once(rng)["scale"]))
+
+
+def pack_quantized(arrays: dict) -> dict:
+    """A quantized dense kernel's {"q": [K or K/2, N], "scale": [1 or K/32, N]} (easympt.kernels.quant) in
+    the CPU kernel's panels: q [ceil(N/48), K or K/2, 48]; an int8 scale [1, N] padded to [1, 48 * panels],
+    an int4 one packed like its kernel, [ceil(N/48), K/32, 48]."""
+    q, scale = arrays["q"], arrays["scale"]
+    if q.dtype == jnp.int8:
+        width = cpu.packed_shape(q.shape[0], q.shape[1])[0] * cpu.PANEL
+        return {"q": _pack_jit(q), "scale": jnp.pad(scale, ((0, 0), (0, width - scale.shape[1])))}
+    return {"q": _pack_jit(q), "scale": _pack_jit(scale)}
+
+
+class QuantDense(nn.Module):
+    """FlatDense over 8- or 4-bit weights (easympt.kernels.quant): params "kernel" and "scale" (and the
+    float "bias"). Plain layout: XLA's dot over the dequantized kernel in the compute dtype; packed:
+    easympt's CPU kernel over the panels, float32 out."""
+
+    features: int
+    quantize: str
+    packed: bool = False
+    use_bias: bool = True
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: jax.lax.Precision | None = None
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, inputs):
+        K, N = inputs.shape[-1], self.features
+        kernel, scale = _quantized_param(self, self.kernel_init, (K, N), self.quantize, self.packed)
+        if self.packed:
+            y = flat_tokens(lambda x: cpu.packed_matmul_quant(x.astype(jnp.float32), kernel, scale, N), inputs)
+        else:
+            dtype = self.dtype or jnp.float32
+            if kernel.dtype == jnp.int8:  # the per-column scale goes on the product, not on K x N weights
+                product = lambda x: jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=self.precision) \
+                    * scale.astype(dtype)
+            else:
+                product = lambda x: jnp.dot(x.astype(dtype), quant.dequantize(kernel, scale, dtype),
+                                            precision=self.precision)
+            y = flat_tokens(product, inputs)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros_init(), (N,), self.param_dtype).astype(y.dtype)
+        return y
+
+
+class QuantEmbed(nn.Module):
+    """nn.Embed (and the tied head, `attend`) over an int8 table [V, E] with a scale per token row
+    [V, 1]; packed: the table packed as the head reads it ([V, E]^T in panels) with its scale [1, 48 * panels]."""
+
+    num_embeddings: int
+    features: int
+    packed: bool = False
+    dtype: jnp.dtype | None = None
+    embedding_init: nn.initializers.Initializer = nn.initializers.normal(1.0)
+
+    def setup(self):
+        self.embedding, self.scale = _quantized_param(self, self.embedding_init, (self.num_embeddings, self.features),
+                                                      "int8", self.packed, axis=1)
+
+    def __call__(self, ids):
+        if self.packed:
+            return cpu.packed_rows(self.embedding, ids).astype(jnp.float32) * self.scale[0, ids][..., None]
+        dtype = self.dtype or jnp.float32
+        return (self.embedding[ids].astype(jnp.float32) * self.scale[ids]).astype(dtype)
+
+    def attend(self, query):
+        if self.packed:
+            return cpu.packed_matmul_quant(query.astype(jnp.float32), self.embedding, self.scale, self.num_embeddings)
+        dtype = self.dtype or jnp.float32
+        return jnp.dot(query.astype(dtype), self.embedding.T.astype(dtype)) * self.scale[:, 0].astype(dtype)
+
+
 def dense_layer(features: int, *, kernel_init, use_bias: bool, packed: bool, dtype, param_dtype, precision,
-                name: str | None = None) -> nn.Module:
-    """The model's dense layer [..., K] -> [..., features]: FlatDense, or PackedDense with packed weights."""
+                quantize: str | None = None, name: str | None = None) -> nn.Module:
+    """The model's dense layer [..., K] -> [..., features] for its layout and weight format: FlatDense,
+    PackedDense with packed float weights, QuantDense with 8- or 4-bit weights (either layout)."""
+    if quantize is not None:
+        return QuantDense(features, quant.check_format(quantize), packed=packed, use_bias=use_bias, dtype=dtype,
+                          param_dtype=param_dtype, precision=precision, kernel_init=kernel_init, name=name)
     if packed:
         return PackedDense(features, use_bias=use_bias, kernel_init=kernel_init, name=name)
     return FlatDense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
@@ -79,8 +185,12 @@ def dense_layer(features: int, *, kernel_init, use_bias: bool, packed: bool, dty
 
 
 def embedding_layer(num_embeddings: int, features: int, *, embedding_init, packed: bool, dtype, param_dtype,
-                    name: str | None = None) -> nn.Module:
-    """The token embedding (and tied LM head, `attend`): nn.Embed, or PackedEmbed with packed weights."""
+                    quantize: str | None = None, name: str | None = None) -> nn.Module:
+    """The token embedding (and tied LM head, `attend`): nn.Embed, PackedEmbed with packed weights, or
+    QuantEmbed (int8, either layout) in a quantized model."""
+    if quant.embedding_format(quantize) is not None:
+        return QuantEmbed(num_embeddings, features, packed=packed, dtype=dtype, embedding_init=embedding_init,
+                          name=name)
     if packed:
         return PackedEmbed(num_embeddings, features, embedding_init=embedding_init, name=name)
     return nn.Embed(num_embeddings, features, embedding_init=embedding_init, dtype=dtype, param_dtype=param_dtype,
@@ -90,24 +200,39 @@ def embedding_layer(num_embeddings: int, features: int, *, embedding_init, packe
 _pack_jit = jax.jit(cpu.pack)
 
 
-def _is_embedding(path) -> bool:
-    return path_str(path).split("/")[-2:] == ["wte", "embedding"]
+def _quantized(node: dict) -> bool:
+    """Whether a module's params are an 8- or 4-bit matrix (easympt.kernels.quant) with its scale."""
+    w = node.get("kernel", node.get("embedding"))
+    return w is not None and "scale" in node and jnp.dtype(w.dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
 
 
 def pack_params(params: dict, weight_dtype=None) -> dict:
     """A causal LM's parameters with every dense kernel [K, N] packed, and the token embedding [V, E]
     packed as the tied head reads it (its transpose): the tree a `cpu_kernels=True` module expects.
-    `weight_dtype` (float32 or bfloat16): the packed matrices' dtype (None: each keeps its own);
-    norms and biases are left as they are."""
+    `weight_dtype` (float32 or bfloat16): the packed float matrices' dtype (None: each keeps its own);
+    8- and 4-bit matrices are packed with their scales (pack_quantized); norms and biases are left as
+    they are."""
 
-    def leaf(path, x):
-        if path_str(path).split("/")[-1] == "kernel" and x.ndim == 2:
-            return _pack_jit(x.astype(weight_dtype or x.dtype))
-        if _is_embedding(path):
-            return _pack_jit(x.astype(weight_dtype or x.dtype).T)
-        return x
+    def walk(node, name):
+        if not isinstance(node, dict):
+            return node
+        if _quantized(node):
+            if "embedding" in node:
+                packed = pack_quantized({"q": node["embedding"].T, "scale": node["scale"].T})
+                return {**node, "embedding": packed["q"], "scale": packed["scale"]}
+            packed = pack_quantized({"q": node["kernel"], "scale": node["scale"]})
+            return {**node, "kernel": packed["q"], "scale": packed["scale"]}
+        out = {}
+        for key, x in node.items():
+            if key == "kernel" and x.ndim == 2:
+                out[key] = _pack_jit(x.astype(weight_dtype or x.dtype))
+            elif key == "embedding" and name == "wte":
+                out[key] = _pack_jit(x.astype(weight_dtype or x.dtype).T)
+            else:
+                out[key] = walk(x, key)
+        return out
 
-    return jax.tree_util.tree_map_with_path(leaf, params)
+    return walk(params, None)
 
 
 def unpack_params(packed: dict, like: dict) -> dict:
@@ -116,9 +241,10 @@ def unpack_params(packed: dict, like: dict) -> dict:
     def leaf(path, x, want):
         if x.shape == want.shape:
             return x
-        if _is_embedding(path):
-            return cpu.unpack(x, want.shape[0]).T
-        return cpu.unpack(x, want.shape[1])
+        embedding = path_str(path).split("/")[-2] == "wte"  # packed transposed: the head's columns are its rows
+        n = want.shape[0] if embedding else want.shape[1]
+        plain = x[:, :n] if x.ndim == 2 else cpu.unpack(x, n)  # a padded int8 scale row, or panels
+        return plain.T if embedding else plain
 
     return jax.tree_util.tree_map_with_path(leaf, packed, like)
 

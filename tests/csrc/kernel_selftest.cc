@@ -43,7 +43,7 @@ bool CheckMatmul(int64_t M, int64_t K, int64_t N) {
   for (auto& v : x) v = Normal();
   for (auto& v : w) v = sizeof(T) == 2 ? Widen(Bf16Bits(Normal())) : Normal();
   const std::vector<T> packed = Pack<T>(w, K, N);
-  Panels(x.data(), M, K, packed.data(), y.data(), N, 0, (N + kPanel - 1) / kPanel);
+  Panels(x.data(), M, K, packed.data(), nullptr, y.data(), N, 0, (N + kPanel - 1) / kPanel);
   double worst = 0.0;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
@@ -54,6 +54,53 @@ bool CheckMatmul(int64_t M, int64_t K, int64_t N) {
   const bool ok = worst < 1e-4;
   std::printf("%s matmul %s M=%lld K=%lld N=%lld: max |err| / sqrt(K) %.2e %s\n", EASYMPT_ISA,
               sizeof(T) == 2 ? "bf16" : "f32", (long long)M, (long long)K, (long long)N, worst, ok ? "ok" : "FAILED");
+  return ok;
+}
+
+// 8- and 4-bit panels (easympt.kernels.linear.pack_quantized) against the float product of the values
+// they stand for: int8 with a float32 scale per column, int4 nibble pairs (q + 8) with a bfloat16
+// scale per group of 32 rows and column.
+bool CheckQuantMatmul(bool int4, int64_t M, int64_t K, int64_t N) {
+  const int64_t P = (N + kPanel - 1) / kPanel, groups = K / kGroup;
+  std::vector<float> x(M * K), w(K * N), y(M * N, NAN);
+  for (auto& v : x) v = Normal();
+  std::vector<int8_t> q8(P * K * kPanel, 0);
+  std::vector<uint8_t> q4(P * (K / 2) * kPanel, 0);
+  std::vector<float> s8(P * kPanel, 0.0f);
+  std::vector<uint16_t> s4(P * groups * kPanel, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t p = n / kPanel, c = n % kPanel;
+    const float col_scale = 0.01f * float(1 + n % 7);
+    if (!int4) s8[p * kPanel + c] = col_scale;
+    for (int64_t k = 0; k < K; ++k) {
+      const int q = int(rng() % 255) - 127;  // int8 in [-127, 127]
+      if (!int4) {
+        q8[p * K * kPanel + k * kPanel + c] = int8_t(q);
+        w[k * N + n] = q * col_scale;
+      } else {
+        const int u = int(rng() % 16);  // stored q + 8 in [0, 15]
+        const uint16_t d = Bf16Bits(col_scale * float(1 + k / kGroup));
+        s4[p * groups * kPanel + (k / kGroup) * kPanel + c] = d;
+        q4[p * (K / 2) * kPanel + (k / 2) * kPanel + c] |= uint8_t(k % 2 ? u << 4 : u);
+        w[k * N + n] = float(u - 8) * Widen(d);
+      }
+    }
+  }
+  if (int4) {
+    Panels(x.data(), M, K, reinterpret_cast<const Int4*>(q4.data()), s4.data(), y.data(), N, 0, P);
+  } else {
+    Panels(x.data(), M, K, q8.data(), s8.data(), y.data(), N, 0, P);
+  }
+  double worst = 0.0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double want = 0.0;
+      for (int64_t k = 0; k < K; ++k) want += double(x[m * K + k]) * w[k * N + n];
+      worst = std::max(worst, std::fabs(want - y[m * N + n]) / std::sqrt(double(K)));
+    }
+  const bool ok = worst < 1e-4;
+  std::printf("%s matmul %s M=%lld K=%lld N=%lld: max |err| / sqrt(K) %.2e %s\n", EASYMPT_ISA, int4 ? "int4" : "int8",
+              (long long)M, (long long)K, (long long)N, worst, ok ? "ok" : "FAILED");
   return ok;
 }
 
@@ -112,6 +159,9 @@ int main() {
   for (int64_t M : {1, 2, 3, 5, 8, 9, 17, 40})
     for (auto [K, N] : {std::pair<int64_t, int64_t>{64, 100}, {130, 200}, {16, 48}, {40, 1}, {300, 500}})
       ok = CheckMatmul<float>(M, K, N) && CheckMatmul<uint16_t>(M, K, N) && ok;
+  for (int64_t M : {1, 2, 3, 8, 9, 33, 40})
+    for (auto [K, N] : {std::pair<int64_t, int64_t>{64, 100}, {32, 48}, {160, 1}, {256, 500}})
+      ok = CheckQuantMatmul(false, M, K, N) && CheckQuantMatmul(true, M, K, N) && ok;
   for (bool bf16 : {false, true})
     for (auto [G, D, S, slot] : {std::tuple<int64_t, int64_t, int64_t, int32_t>{1, 16, 37, 36}, {3, 64, 64, 20},
                                  {8, 32, 130, 129}, {2, 16, 200, 5}})
