@@ -17,10 +17,17 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def _add_quantize(p: argparse.ArgumentParser, what: str = "weights quantized as they load") -> None:
+    p.add_argument("--quantize", default=None, choices=("int8", "int4"),
+                   help=f"8- or 4-bit weight-only format ({what}; int8: a scale per output channel, int4: "
+                        "llama.cpp Q4_0-style groups of 32)")
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: fp32 on CPU, bf16 on GPU/TPU)")
     p.add_argument("--kv-dtype", dest="kv_dtype", default=None,
                    help="KV-cache dtype (default: --dtype); bf16 under fp32 halves what a long-context step reads")
+    _add_quantize(p)
     p.add_argument("--max-length", type=int, default=2048, help="prompt + generated tokens per request")
     p.add_argument("--max-compile-tokens", type=int, default=64,
                    help="the smallest prompt bucket (for generate also the decode steps per dispatch)")
@@ -38,7 +45,8 @@ def cmd_generate(args) -> int:
     else:
         model, prompt = args.model_prompt
     gen = Generator.from_pretrained(model, dtype=args.dtype, max_length=args.max_length,
-                                    max_compile_tokens=args.max_compile_tokens, kv_dtype=args.kv_dtype)
+                                    max_compile_tokens=args.max_compile_tokens, kv_dtype=args.kv_dtype,
+                                    quantize=args.quantize)
     if args.verbose:
         print(f"[{gen.engine.describe()}]", file=sys.stderr)
     reason = None
@@ -61,9 +69,14 @@ def cmd_convert(args) -> int:
     from easympt.checkpoint import is_easympt_checkpoint, load_params, save_params
     from easympt.transform import mpt_from_pretrained, mpt_to_pretrained
     from easympt.transform.hf_to_flax import resolve_checkpoint_dir
+    from easympt.transform.quantized import params_format, save_quantized
 
     src_is_easympt = is_easympt_checkpoint(args.src)
     to = args.to or ("hf" if src_is_easympt else "easympt" if args.dst.endswith(".easympt") else "hf")
+    if args.quantize and (src_is_easympt or to != "easympt"):
+        raise ValueError("--quantize converts a Hugging Face checkpoint into a quantized easympt one: give an HF "
+                         "source and a DST ending in .easympt (or --to easympt); Hugging Face's MptForCausalLM "
+                         "has no 8- or 4-bit weights")
     mesh = None
     if jax.process_count() > 1:  # each process reads and writes only the slices its devices hold
         from easympt.sharding import create_mesh
@@ -74,12 +87,14 @@ def cmd_convert(args) -> int:
         src = None
     else:
         src = resolve_checkpoint_dir(args.src)
-        params, config = mpt_from_pretrained(src, dtype=args.dtype or "fp32", mesh=mesh)
-    if to == "easympt":
+        params, config = mpt_from_pretrained(src, dtype=args.dtype or "fp32", mesh=mesh, quantize=args.quantize)
+    if params_format(params) and to == "easympt":  # 8 or 4 bits: the quantized checkpoint, which loads as is
+        out = save_quantized(params, config, args.dst, tokenizer=_tokenizer_or_none(src))
+    elif to == "easympt":
         out = save_params(params, config, args.dst)
     else:
         out = mpt_to_pretrained(params, config, args.dst, max_shard_size=args.max_shard_size,
-                                tokenizer=_tokenizer_or_none(src), dtype=args.dtype)
+                                tokenizer=_tokenizer_or_none(src), dtype=args.dtype, dequantize=args.dequantize)
     print(f"wrote {to} checkpoint {out}")
     return 0
 
@@ -171,6 +186,8 @@ def cmd_serve(args) -> int:
         overrides["dtype"] = args.dtype
     if args.kv_dtype:
         overrides["kv_dtype"] = args.kv_dtype
+    if args.quantize:
+        overrides["quantize"] = args.quantize
     if args.max_new_tokens:
         overrides["max_new_tokens"] = args.max_new_tokens
     if args.mesh:
@@ -251,10 +268,11 @@ def cmd_eval(args) -> int:
     else:
         from easympt.model import FlaxMptForCausalLM
         from easympt.transform import mpt_from_pretrained
+        from easympt.transform.quantized import params_format
 
         ckpt = resolve_checkpoint_dir(source)
-        params, config = mpt_from_pretrained(ckpt, dtype=args.dtype)
-        model = FlaxMptForCausalLM(config, dtype=args.dtype, _do_init=False)
+        params, config = mpt_from_pretrained(ckpt, dtype=args.dtype, quantize=args.quantize)
+        model = FlaxMptForCausalLM(config, dtype=args.dtype, _do_init=False, quantize=params_format(params))
         tokenizer = AutoTokenizer.from_pretrained(ckpt)
         max_length = args.max_length or config.max_seq_len
         scorer = local_scorer(model, params, max_length)
@@ -380,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "DST ends in .easympt, else hf)")
     p.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 for the written tensors")
     p.add_argument("--max-shard-size", default="5GB")
+    _add_quantize(p, "from an HF source: a quantized easympt checkpoint that loads as is; DST must then end in "
+                     ".easympt or --to easympt")
+    p.add_argument("--dequantize", action="store_true",
+                   help="to HF from a quantized source: write the float weights it stands for (HF's MptForCausalLM "
+                        "has no 8- or 4-bit weights)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("eval", help="perplexity and bits per byte of a text file, locally or through a server")
@@ -394,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default max_length/2)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="windows scored together")
     p.add_argument("--dtype", default=None, help="fp32 / bf16 (default: fp32 on CPU, bf16 on GPU/TPU)")
+    _add_quantize(p)
     p.add_argument("--json", action="store_true", help="one JSON object instead of the summary")
     p.set_defaults(func=cmd_eval)
 

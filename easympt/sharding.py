@@ -85,6 +85,13 @@ def mpt_partition_rules(fsdp: bool = True) -> tuple[tuple[str, P], ...]:
         (r"ffn/down_proj/bias$", P(None)),
         (r"(norm_1|norm_2|norm_f)/(scale|bias)$", P(None)),
         (r"lm_head/kernel$", P(f, "tp")),
+        # 8- and 4-bit matrices (easympt.kernels.quant): the scale has its matrix's rank and shards with it
+        (r"transformer/wte/scale$", P("tp", f)),
+        (r"attn/Wqkv/scale$", P(f, "tp")),
+        (r"attn/out_proj/scale$", P("tp", f)),
+        (r"ffn/(up_proj|gate_proj)/scale$", P(f, "tp")),
+        (r"ffn/down_proj/scale$", P("tp", f)),
+        (r"lm_head/scale$", P(f, "tp")),
         (r"lm_head/bias$", P("tp")),
         # task heads: a handful of outputs, so only the input dimension is sharded
         (r"^(score|classifier|qa_outputs)/kernel$", P(f, None)),
@@ -132,18 +139,25 @@ def fit_spec(spec: P, shape: Sequence[int], mesh, misfit: str = "warn", name: st
     """Drop mesh axes from dimensions they do not divide (e.g. a 256-token vocab over 3 devices).
 
     misfit: "warn" (parameters: logged, replicated), "replicate" (activations such as a batch of
-    one: silently), "raise" (MeshFitError: memory plans and real-size checks)."""
+    one: silently), "raise" (MeshFitError: memory plans and real-size checks). A dimension of size 1
+    (an int8 scale's) is replicated silently; a quantized matrix's scale [groups, N] that does not
+    divide always raises: its groups must split as its kernel's rows do."""
+    quant_scale = name.endswith("/scale") and len(shape) == 2
     out = []
     for i, (dim, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         size = math.prod(mesh.shape[a] for a in names)
-        if size > 1 and dim % size:
+        if size > 1 and dim % size and dim > 1:
             msg = (f"{name} {tuple(shape)}: dimension {i} of size {dim} does not divide over mesh axis "
                    f"{'x'.join(names)} of size {size} (mesh {dict(mesh.shape)})")
-            if misfit == "raise":
+            if quant_scale:
+                msg += "; a quantized matrix's scales (int4: one per 32 input rows) shard as its kernel does"
+            if misfit == "raise" or quant_scale:
                 raise MeshFitError(msg)
             if misfit == "warn":
                 log.warning("%s; that dimension is replicated instead", msg)
+            axes = None
+        if dim == 1:
             axes = None
         out.append(axes)
     return P(*out)

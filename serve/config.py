@@ -29,6 +29,7 @@ class JaxServerConfig(BaseModel):
     mesh_axes_shape: tuple[int, ...] = (1, -1, 1, 1)
     dtype: str = "auto"
     kv_dtype: str = Field("auto", description="KV-cache dtype; auto: the compute dtype")
+    quantize: str | None = Field(None, description="weight format: int8 or int4 (weight-only; None: float)")
     use_prefix_tokenizer: bool = True
     pre_compile: bool = True
     stream_tokens_for_gradio: bool = True
@@ -40,6 +41,13 @@ class JaxServerConfig(BaseModel):
     request_timeout_s: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_n: int = Field(8, ge=1, description="largest `n` accepted by the OpenAI routes")
+
+    @field_validator("quantize")
+    @classmethod
+    def _quantize(cls, v):
+        from easympt.kernels.quant import check_format
+
+        return check_format(v)
 
     @field_validator("dtype", "kv_dtype")
     @classmethod

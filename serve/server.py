@@ -69,14 +69,23 @@ class JAXServer:
         # a dtype in the config: (compute, weights) for it (on CPU, bf16 weights under float32 compute)
         compute, weights = (model.dtype, model.param_dtype) if cfg.dtype == "auto" else inference_dtypes(cfg.dtype)
         params = unwrap_params(params)
+        from easympt.transform.quantized import params_format, quantize_params
+
+        quantize = params_format(params)
+        if cfg.quantize is not None and quantize is None:  # float params, a quantized server: quantize them here
+            params, quantize = quantize_params(params, config_model, cfg.quantize), cfg.quantize
+        elif cfg.quantize not in (None, quantize):
+            raise ValueError(f"the server config asks for {cfg.quantize} weights but the params are {quantize}")
         mesh = serving_mesh(cfg)
         if mesh is not None:
             from easympt.sharding import shardings_for
 
             params = jax.device_put(params, shardings_for(mesh, params, config_model.get_partition_rules()))
-        same = jnp.dtype(compute) == jnp.dtype(model.dtype) and jnp.dtype(weights) == jnp.dtype(model.param_dtype)
+        same = (jnp.dtype(compute) == jnp.dtype(model.dtype) and jnp.dtype(weights) == jnp.dtype(model.param_dtype)
+                and model.quantize == quantize)
         if not same or mesh is not None:
-            model = FlaxMptForCausalLM(config_model, dtype=compute, param_dtype=weights, _do_init=False, mesh=mesh)
+            model = FlaxMptForCausalLM(config_model, dtype=compute, param_dtype=weights, _do_init=False, mesh=mesh,
+                                       quantize=quantize)
         server.model, server.tokenizer = model, tokenizer
         server.engine = GenerationEngine(model, params, max_length=cfg.max_length,
                                          max_compile_tokens=cfg.max_compile_tokens, prefill_chunk=cfg.prefill_chunk,
@@ -122,8 +131,11 @@ class JAXServer:
             # each process reads only the slices its own devices hold
             load_kwargs["mesh"] = serving_mesh(cfg)
         compute, weights = inference_dtypes(dtype)
-        params, model_config = mpt_from_pretrained(ckpt, dtype=weights, **load_kwargs)
-        model = FlaxMptForCausalLM(model_config, dtype=compute, param_dtype=weights, _do_init=False)
+        params, model_config = mpt_from_pretrained(ckpt, dtype=weights, quantize=cfg.quantize, **load_kwargs)
+        from easympt.transform.quantized import params_format
+
+        model = FlaxMptForCausalLM(model_config, dtype=compute, param_dtype=weights, _do_init=False,
+                                   quantize=params_format(params))
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(ckpt)
         if cfg.model_name == JaxServerConfig().model_name:
             cfg = cfg.model_copy(update={"model_name": source.rstrip("/").split("/")[-1]})

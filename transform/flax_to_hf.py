@@ -46,15 +46,28 @@ def plan_shards(sizes: list[tuple[int, int]], limit: int) -> list[list[int]]:
 
 
 def mpt_to_pretrained(params, config: MptConfig, out_dir: str, max_shard_size="5GB", tokenizer=None,
-                      dtype=None) -> str:
+                      dtype=None, dequantize: bool = False) -> str:
     """Write a checkpoint that transformers' MptForCausalLM loads unchanged.
 
     Everything is written into a temporary sibling directory that is renamed
     onto `out_dir` at the end, so an interrupted export never looks complete.
+
+    8- or 4-bit params (easympt.kernels.quant) are refused: transformers' MptForCausalLM has no such
+    weights. `dequantize=True` writes the float weights they stand for instead (the quantization
+    error stays in them; in `dtype`, default float32).
     """
     from safetensors.numpy import save_file
 
+    from easympt.transform.quantized import dequantize_params, params_format
+
     params = unwrap_params(params)
+    fmt = params_format(params)
+    if fmt is not None:
+        if not dequantize:
+            raise ValueError(f"these params hold {fmt} weights, which transformers' MptForCausalLM cannot load: pass "
+                             "dequantize=True (easympt convert --dequantize) to write the float weights they stand "
+                             "for, or keep them as a quantized easympt checkpoint (easympt convert --quantize)")
+        params = dequantize_params(params)
     dtype = resolve_dtype(dtype)
     limit = parse_size(max_shard_size)
     out_dir = os.path.abspath(out_dir)

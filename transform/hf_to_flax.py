@@ -24,6 +24,8 @@ import numpy as np
 from easympt.config import MptConfig
 from easympt.dtypes import default_compute_dtype, resolve_dtype
 from easympt.heads import model_class_for
+from easympt.kernels import quant
+from easympt.transform import quantized
 from easympt.sharding import named_sharding, spec_for
 from easympt.transform.names import TIED_ALIASES, hf_to_flax_name
 
@@ -134,7 +136,7 @@ def _torch_to_numpy(t) -> np.ndarray:
 
 
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16,
                        "BOOL": np.bool_}
 
 
@@ -251,10 +253,10 @@ def open_checkpoint(files: list[str]) -> dict[str, LazyTensor]:
 
 
 # -------------------------------------------------------------------- loading
-def _flat_shapes(tree) -> dict[str, tuple]:
+def _flat_structs(tree) -> dict[str, jax.ShapeDtypeStruct]:
     from easympt.sharding import path_str
 
-    return {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def check_tensors(tensors: dict[str, LazyTensor], expected: dict[str, tuple], config: MptConfig,
@@ -346,37 +348,73 @@ def _nest(flat: dict[str, Any]) -> dict:
 
 def mpt_from_pretrained(source: str, device=None, dtype=None, mesh=None, partition_rules=None,
                         revision: str | None = None, local_files_only: bool = False,
-                        progress: bool = True):
-    """(params, config) from a Hugging Face MPT checkpoint.
+                        progress: bool = True, quantize: str | None = None):
+    """(params, config) from a Hugging Face MPT checkpoint (or a quantized easympt one).
 
     The params fit the class config.json's `architectures` names: the causal
     LM, or a task head (easympt.heads.model_class_for picks the wrapper).
 
-    dtype: parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU).
+    dtype: parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU); with `quantize`, the
+    dtype of what stays float (norms, biases).
     device: put every array there (default: jax's default device).
     mesh: shard every array by `partition_rules` (default: the config's FSDP
     rules) straight into its NamedSharding.
+    quantize: "int8" or "int4" (easympt.kernels.quant): every matrix is quantized as it streams in,
+    one tensor at a time (host memory: the quantized bytes plus about one float tensor); the
+    params then fit `FlaxMptForCausalLM(config, quantize=...)`. A quantized easympt checkpoint
+    (easympt.transform.quantized) loads in its own format, and `quantize` may only repeat it.
     """
     ckpt_dir = resolve_checkpoint_dir(source, revision=revision, local_files_only=local_files_only)
     config = MptConfig.from_pretrained(ckpt_dir)
     dtype = np.dtype(resolve_dtype(dtype) or default_compute_dtype())
-    files = weight_files(ckpt_dir)
-    expected = _flat_shapes(model_class_for(config)(config, _do_init=False).params_shape())
-    plan = check_tensors(open_checkpoint(files), expected, config, where=ckpt_dir)
+    quant.check_format(quantize)
+    stored = quantized.quantized_format(ckpt_dir)
+    if stored is not None and quantize not in (None, stored):
+        raise ValueError(f"{ckpt_dir} holds {stored} weights; it cannot be loaded as {quantize} (convert the float "
+                         "checkpoint instead)")
+    quantize = quantize or stored
+    model_class = model_class_for(config)
+    expected = _flat_structs(model_class(config, _do_init=False, quantize=quantize, param_dtype=dtype).params_shape())
+    if stored is not None:
+        plan = quantized.read_quantized(ckpt_dir, expected)
+    else:
+        float_shapes = {k: v.shape for k, v in _flat_structs(model_class(config, _do_init=False).params_shape()).items()}
+        plan = check_tensors(open_checkpoint(weight_files(ckpt_dir)), float_shapes, config, where=ckpt_dir)
     rules = None
     if mesh is not None:
         rules = partition_rules if partition_rules is not None else config.get_partition_rules(fsdp=True)
     if device is None and mesh is None:
         device = jax.local_devices()[0]  # jax.devices()[0] belongs to process 0 when there are several
 
+    def place(name: str, host_or_tensor, transpose: bool = False):
+        sharding = None
+        if mesh is not None:
+            sharding = named_sharding(mesh, spec_for(name, rules), expected[name].shape, name=name)
+        if isinstance(host_or_tensor, np.ndarray):
+            return place_array(host_or_tensor, device=device, sharding=sharding)
+        return place_tensor(host_or_tensor, transpose, dtype, device=device, sharding=sharding)
+
     from tqdm.auto import tqdm
 
     flat = {}
     for name in tqdm(sorted(plan), desc=f"loading {os.path.basename(os.path.normpath(source))}",
                      unit="tensor", disable=not progress):
+        if stored is not None:
+            flat[name] = place(name, quantized.as_stored(plan[name], expected[name]))
+            continue
         t, transpose = plan[name]
-        sharding = None
-        if mesh is not None:
-            sharding = named_sharding(mesh, spec_for(name, rules), expected[name], name=name)
-        flat[name] = place_tensor(t, transpose, dtype, device=device, sharding=sharding)
+        if quantized.is_quantized_leaf(expected[name]):  # a matrix to quantize: read in float32, one at a time
+            for key, arr in quantized.quantize_tensor(name, read_converted(t, transpose, np.float32), expected).items():
+                flat[key] = place(key, arr)
+        else:
+            flat[name] = place(name, t, transpose)
     return _nest(flat), config
+
+
+def place_array(arr: np.ndarray, device=None, sharding=None) -> jax.Array:
+    """A host array on `device`, or sharded (each process places the slices its devices own)."""
+    if sharding is not None:
+        out = jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
+    else:
+        out = jax.device_put(arr, device)
+    return out.block_until_ready()

@@ -51,16 +51,21 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, source: str, dtype=None, max_length: int = 2048, max_compile_tokens: int = 64,
-                        tokenizer=None, cpu_kernels: bool | None = None, kv_dtype=None, **load_kwargs) -> Generator:
+                        tokenizer=None, cpu_kernels: bool | None = None, kv_dtype=None, quantize: str | None = None,
+                        **load_kwargs) -> Generator:
+        """A Generator on a checkpoint; `quantize` ("int8", "int4"): weights quantized as they load
+        (a quantized easympt checkpoint loads in its own format)."""
         from transformers import AutoTokenizer
 
         from easympt.transform import mpt_from_pretrained
         from easympt.transform.hf_to_flax import resolve_checkpoint_dir
+        from easympt.transform.quantized import params_format
 
         ckpt = resolve_checkpoint_dir(source, local_files_only=load_kwargs.pop("local_files_only", False))
         compute, weights = inference_dtypes(dtype)  # on CPU, bf16 weights under float32 compute
-        params, config = mpt_from_pretrained(ckpt, dtype=weights, **load_kwargs)
-        model = FlaxMptForCausalLM(config, dtype=compute, param_dtype=weights, _do_init=False)
+        params, config = mpt_from_pretrained(ckpt, dtype=weights, quantize=quantize, **load_kwargs)
+        model = FlaxMptForCausalLM(config, dtype=compute, param_dtype=weights, _do_init=False,
+                                   quantize=params_format(params))
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(ckpt)
         return cls(model, params, tokenizer, max_length=max_length, max_compile_tokens=max_compile_tokens,
                    cpu_kernels=cpu_kernels, kv_dtype=kv_dtype)
