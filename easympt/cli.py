@@ -103,9 +103,9 @@ def _tokenizer_or_none(src):
     if src is None:
         return None
     try:
-        from transformers import AutoTokenizer
+        from easympt.transform.hf_to_flax import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(src)
+        return load_tokenizer(src)
     except Exception as e:  # a weights-only checkpoint is fine to convert
         print(f"note: no tokenizer copied ({type(e).__name__})", file=sys.stderr)
         return None
@@ -233,7 +233,7 @@ def cmd_plan(args) -> int:
     # a preset name, else a directory / config.json / hub id (only config.json is fetched)
     config = MptConfig.preset(args.model) if args.model in PRESETS else MptConfig.from_pretrained(args.model)
     plan = memory_plan(config, dtype=args.dtype, max_length=args.max_length, batch_size=args.batch_size,
-                       mesh=args.mesh, kv_dtype=args.kv_dtype,
+                       mesh=args.mesh, kv_dtype=args.kv_dtype, quantize=args.quantize,
                        device_memory=parse_size(args.device_memory) if args.device_memory else None)
     print(json.dumps(plan.to_dict()) if args.json else f"{args.model}\n{plan.summary()}")
     return 0 if plan.fits is not False else 1
@@ -241,8 +241,6 @@ def cmd_plan(args) -> int:
 
 def cmd_eval(args) -> int:
     import json
-
-    from transformers import AutoTokenizer
 
     from easympt.evaluation import evaluate_texts, local_scorer, read_texts, server_scorer
 
@@ -252,7 +250,7 @@ def cmd_eval(args) -> int:
 
         source = demo_checkpoint()
     texts = read_texts(args.data)  # bad data fails before any model is loaded
-    from easympt.transform.hf_to_flax import resolve_checkpoint_dir
+    from easympt.transform.hf_to_flax import load_tokenizer, resolve_checkpoint_dir
 
     if args.server:
         import httpx
@@ -263,7 +261,7 @@ def cmd_eval(args) -> int:
         status.raise_for_status()
         served = status.json()
         max_length = min(args.max_length or served["max_length"], served["max_length"] - 1)
-        tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint_dir(source))
+        tokenizer = load_tokenizer(resolve_checkpoint_dir(source))
         scorer = server_scorer(args.server, served.get("model"), key)
     else:
         from easympt.model import FlaxMptForCausalLM
@@ -273,7 +271,7 @@ def cmd_eval(args) -> int:
         ckpt = resolve_checkpoint_dir(source)
         params, config = mpt_from_pretrained(ckpt, dtype=args.dtype, quantize=args.quantize)
         model = FlaxMptForCausalLM(config, dtype=args.dtype, _do_init=False, quantize=params_format(params))
-        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+        tokenizer = load_tokenizer(ckpt)
         max_length = args.max_length or config.max_seq_len
         scorer = local_scorer(model, params, max_length)
     result = evaluate_texts(texts, tokenizer, scorer, max_length, stride=args.stride, batch_size=args.batch_size)
@@ -426,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "preset name (mpt-7b, mpt-30b, mpt-7b-storywriter, ...)")
     p.add_argument("--dtype", default="bf16", help="weight dtype (default bf16)")
     p.add_argument("--kv-dtype", dest="kv_dtype", default=None, help="KV-cache dtype (default: --dtype)")
+    _add_quantize(p, "the plan counts their scales; --dtype is then what stays float")
     p.add_argument("--max-length", dest="max_length", type=int, default=None,
                    help="tokens per request (default: the config's max_seq_len)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="requests decoded together")

@@ -108,10 +108,13 @@ def _shard_bytes(sharding, shape, itemsize) -> int:
 
 
 def memory_plan(config: MptConfig, dtype="bf16", max_length: int | None = None, batch_size: int = 1,
-                mesh=None, device_memory: int | float | None = None, kv_dtype=None) -> MemoryPlan:
+                mesh=None, device_memory: int | float | None = None, kv_dtype=None,
+                quantize: str | None = None) -> MemoryPlan:
     """Parameter, KV-cache and per-device bytes of `config` (weights in `dtype`, cache in `kv_dtype`,
-    default the same) on a mesh of abstract devices. Raises MeshFitError naming the tensor, the
-    axis, the size and the mesh when a partition rule cannot shard a tensor evenly."""
+    default the same) on a mesh of abstract devices. `quantize` ("int8", "int4"): the matrices in
+    that weight-only format (scales counted; norms and biases stay in `dtype`). Raises MeshFitError
+    naming the tensor, the axis, the size and the mesh when a partition rule cannot shard a tensor
+    evenly (an int4 scale's group count included)."""
     from easympt.heads import model_class_for
 
     dtype = np.dtype(resolve_dtype(dtype))
@@ -119,12 +122,15 @@ def memory_plan(config: MptConfig, dtype="bf16", max_length: int | None = None, 
     max_length = max_length or config.max_seq_len
     sizes = parse_mesh(mesh)
     abstract = AbstractMesh(tuple(sizes.values()), tuple(sizes))
-    shapes = model_class_for(config)(config, _do_init=False).params_shape()
+    model_class = model_class_for(config)
+    n_params = sum(int(np.prod(x.shape, dtype=np.int64))
+                   for x in jax.tree_util.tree_leaves(model_class(config, _do_init=False).params_shape()))
+    shapes = model_class(config, _do_init=False, param_dtype=dtype, quantize=quantize).params_shape()
     leaves = jax.tree_util.tree_leaves(shapes)
     shardings = jax.tree_util.tree_leaves(shardings_for(abstract, shapes, config.get_partition_rules(),
                                                         misfit="raise"))
-    n_params = sum(int(np.prod(x.shape, dtype=np.int64)) for x in leaves)
-    device_param_bytes = sum(_shard_bytes(s, x.shape, dtype.itemsize) for s, x in zip(shardings, leaves))
+    param_bytes = sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize for x in leaves)
+    device_param_bytes = sum(_shard_bytes(s, x.shape, np.dtype(x.dtype).itemsize) for s, x in zip(shardings, leaves))
 
     per_layer = (batch_size, config.kv_heads, max_length, config.head_dim)
     cache_sharding = named_sharding(abstract, logical_spec(CACHE_AXES), per_layer, misfit="replicate")
@@ -140,7 +146,8 @@ def memory_plan(config: MptConfig, dtype="bf16", max_length: int | None = None, 
         notes.append(f"{config.kv_heads} KV head(s) do not divide tp = {sizes['tp']}: the cache is "
                      "replicated over tp")
     return MemoryPlan(
-        dtype=dtype.name, n_params=n_params, param_bytes=n_params * dtype.itemsize,
+        dtype=f"{quantize} ({dtype.name} norms and biases)" if quantize else dtype.name, n_params=n_params,
+        param_bytes=param_bytes,
         kv_bytes_per_token=2 * config.n_layers * config.kv_heads * config.head_dim * kv_dtype.itemsize,
         max_length=max_length, batch_size=batch_size, mesh=sizes, device_param_bytes=device_param_bytes,
         device_kv_bytes=device_kv, device_memory=None if device_memory is None else int(device_memory),

@@ -119,10 +119,8 @@ class JAXServer:
     def from_pretrained(cls, source: str, tokenizer=None, config: JaxServerConfig | dict | None = None,
                         dtype=None, **load_kwargs) -> JAXServer:
         """Convert a Hugging Face checkpoint (dir, cache or hub id) and serve it."""
-        from transformers import AutoTokenizer
-
         from easympt.transform import mpt_from_pretrained
-        from easympt.transform.hf_to_flax import resolve_checkpoint_dir
+        from easympt.transform.hf_to_flax import load_tokenizer, resolve_checkpoint_dir
 
         cfg = config if isinstance(config, JaxServerConfig) else JaxServerConfig(**(config or {}))
         ckpt = resolve_checkpoint_dir(source)
@@ -136,7 +134,7 @@ class JAXServer:
 
         model = FlaxMptForCausalLM(model_config, dtype=compute, param_dtype=weights, _do_init=False,
                                    quantize=params_format(params))
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(ckpt)
+        tokenizer = tokenizer or load_tokenizer(ckpt)
         if cfg.model_name == JaxServerConfig().model_name:
             cfg = cfg.model_copy(update={"model_name": source.rstrip("/").split("/")[-1]})
         return cls.load_from_params(params, model, model_config, tokenizer=tokenizer, config=cfg)

@@ -28,7 +28,9 @@ REPOS = sorted(os.path.relpath(os.path.dirname(p), HUB) for p in glob.glob(os.pa
 # geometries whose hub files are not reachable here (see fixtures/hub/README.md): presets stand in
 PRESETS = ("mpt-7b", "mpt-7b-8k", "mpt-7b-storywriter", "mpt-30b")
 # how each repo is prompted: the template its model card documents
-TEMPLATES = {"mosaicml/mpt-7b-instruct": "instruct", "replit/replit-code-v1-3b": "completion"}
+TEMPLATES = {"mosaicml/mpt-7b-instruct": "instruct", "replit/replit-code-v1-3b": "completion",
+             "mosaicml/mpt-7b": "completion", "mosaicml/mpt-30b": "completion",
+             "replit/replit-code-v1_5-3b": "completion"}
 # the four mesh sizes the issue names, as (dp, fsdp, tp, sp)
 MESHES = {8: (1, 8, 1, 1), 16: (1, 8, 2, 1), 64: (2, 8, 4, 1), 256: (1, 32, 8, 1)}
 
@@ -47,7 +49,8 @@ def config_for(name: str) -> tuple[dict, MptConfig]:
 
 
 def test_fixtures_are_present_and_documented():
-    assert {"mosaicml/mpt-7b-instruct", "replit/replit-code-v1-3b"} <= set(REPOS)
+    assert {"mosaicml/mpt-7b-instruct", "replit/replit-code-v1-3b", "mosaicml/mpt-7b", "mosaicml/mpt-30b",
+            "replit/replit-code-v1_5-3b"} <= set(REPOS)
     readme = open(os.path.join(HUB, "README.md"), encoding="utf-8").read()
     for repo in REPOS:
         assert f"`{repo}/`" in readme, f"{repo} has no provenance line in fixtures/hub/README.md"
@@ -84,7 +87,8 @@ def test_no_op_keys_are_listed_in_the_readme():
         raw = raw_config(repo)
         seen |= {k for k in raw if k not in {f.name for f in dataclasses.fields(MptConfig)}}
         seen |= set(raw["attn_config"]) - {f.name for f in dataclasses.fields(type(MptConfig().attn_config))}
-    assert seen - {"architectures"} <= set(NO_OP_KEYS), seen - set(NO_OP_KEYS)  # architectures is read
+    # architectures is read; a top-level fc_type (replit-code-v1_5-3b) is checked: only "torch" loads
+    assert seen - {"architectures", "fc_type"} <= set(NO_OP_KEYS), seen - set(NO_OP_KEYS)
 
 
 @pytest.mark.parametrize("spelling", ["MPTForCausalLM", "MptForCausalLM", None])
@@ -191,6 +195,8 @@ def shrunken_checkpoint(repo: str, out_dir, tokenizer=None, seed: int = 0) -> tu
     raw = raw_config(repo)
     has_tokenizer = os.path.isfile(os.path.join(HUB, repo, "tokenizer.json"))
     cfg = {**raw, **SHRINK}
+    if grouped_query(repo):  # 2 KV heads for the shrunken 4 query heads (replit-code-v1_5-3b: 8 for 24)
+        cfg["attn_config"] = {**raw["attn_config"], "kv_n_heads": 2}
     if not has_tokenizer:
         cfg["vocab_size"] = len(tokenizer)
     sd = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in random_state_dict(cfg, seed=seed).items()}
@@ -213,6 +219,10 @@ def replit_tokenizer():
     return tok
 
 
+def grouped_query(repo: str) -> bool:
+    return raw_config(repo)["attn_config"].get("attn_type") == "grouped_query_attention"
+
+
 def _tokenizer_for(repo, replit_tokenizer):
     return None if os.path.isfile(os.path.join(HUB, repo, "tokenizer.json")) else replit_tokenizer
 
@@ -232,13 +242,15 @@ def test_shrunken_copy_matches_reference_and_transformers(repo, tmp_path, replit
     got = model(ids, attention_mask=mask, params=params).logits
     assert_logits_close(got, reference_forward(cfg, sd, ids, attention_mask=mask), mask=mask)
 
-    from transformers import AutoTokenizer
-
     from easympt.generation import Generator
+    from easympt.transform.hf_to_flax import load_tokenizer
 
-    gen = Generator(model, params, AutoTokenizer.from_pretrained(path), max_length=96, max_compile_tokens=16)
+    gen = Generator(model, params, load_tokenizer(path), max_length=96, max_compile_tokens=16)
     gen.eos_ids = ()
     ours = gen.generate([ids[0].tolist()], max_new_tokens=24, temperature=0)[0].token_ids
+    if grouped_query(repo):  # transformers' MptForCausalLM has no grouped-query attention: llm-foundry's reference
+        assert ours == _greedy_reference(cfg, sd, ids[0].tolist(), 24)
+        return
     hf = MptForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # no remote code needed
     with torch.inference_mode():
         ref = hf.generate(torch.tensor(ids[:1]), max_new_tokens=24, do_sample=False, use_cache=True,
@@ -257,6 +269,11 @@ def test_export_loads_in_transformers_without_remote_code(repo, tmp_path, replit
     out = mpt_to_pretrained(params, config, str(tmp_path / "export"))
     written = json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))
     assert written["architectures"] == ["MptForCausalLM"] and "auto_map" not in written
+    if grouped_query(repo):  # transformers' MptConfig refuses grouped-query attention; easympt reads it back
+        again, _ = mpt_from_pretrained(out, dtype="fp32", progress=False)
+        assert all(bool((np.asarray(a) == np.asarray(b)).all())
+                   for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(again)))
+        return
     _, info = MptForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
@@ -275,14 +292,14 @@ def test_serves_with_its_template_and_stops_on_its_eos(repo, tmp_path, replit_to
     greedy token by swapping two embedding rows (tied head), which leaves the prompt's forward pass
     untouched when neither token occurs in it."""
     import httpx
-    from transformers import AutoTokenizer
 
     from easympt.serve import MPTJaxServer
+    from easympt.transform.hf_to_flax import load_tokenizer
     from easympt.serve.mpt import dolly_instruct
 
     tok = _tokenizer_for(repo, replit_tokenizer)
     path, cfg, sd = shrunken_checkpoint(repo, tmp_path / "base", tok)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)  # replit-code-v1_5-3b's config is one transformers' MptConfig refuses
     eos = cfg.get("eos_token_id", tokenizer.eos_token_id)
     assert eos == tokenizer.eos_token_id  # the repo's eos: <|endoftext|> (id 0 for mosaicml, 1 for replit)
     template = TEMPLATES[repo]

@@ -39,6 +39,20 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match its config: names every bad tensor or file."""
 
 
+def load_tokenizer(ckpt_dir: str):
+    """AutoTokenizer.from_pretrained(ckpt_dir), also for a config transformers' MptConfig refuses:
+    AutoTokenizer reads config.json, and transformers' strict MptConfig rejects what it does not
+    implement (grouped-query attention: replit-code-v1_5-3b), though easympt runs it and the tokenizer
+    does not depend on it. The tokenizer's own files decide its class then."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    try:
+        return AutoTokenizer.from_pretrained(ckpt_dir)
+    except StrictDataclassError:  # the config's validation, not the tokenizer's files
+        return AutoTokenizer.from_pretrained(ckpt_dir, config=PretrainedConfig())
+
+
 # ------------------------------------------------------------------ resolving
 def resolve_checkpoint_dir(source: str, revision: str | None = None, local_files_only: bool = False) -> str:
     """A local directory holding config.json and weights.

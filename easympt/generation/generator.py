@@ -55,10 +55,8 @@ class Generator:
                         **load_kwargs) -> Generator:
         """A Generator on a checkpoint; `quantize` ("int8", "int4"): weights quantized as they load
         (a quantized easympt checkpoint loads in its own format)."""
-        from transformers import AutoTokenizer
-
         from easympt.transform import mpt_from_pretrained
-        from easympt.transform.hf_to_flax import resolve_checkpoint_dir
+        from easympt.transform.hf_to_flax import load_tokenizer, resolve_checkpoint_dir
         from easympt.transform.quantized import params_format
 
         ckpt = resolve_checkpoint_dir(source, local_files_only=load_kwargs.pop("local_files_only", False))
@@ -66,7 +64,7 @@ class Generator:
         params, config = mpt_from_pretrained(ckpt, dtype=weights, quantize=quantize, **load_kwargs)
         model = FlaxMptForCausalLM(config, dtype=compute, param_dtype=weights, _do_init=False,
                                    quantize=params_format(params))
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(ckpt)
+        tokenizer = tokenizer or load_tokenizer(ckpt)
         return cls(model, params, tokenizer, max_length=max_length, max_compile_tokens=max_compile_tokens,
                    cpu_kernels=cpu_kernels, kv_dtype=kv_dtype)
 

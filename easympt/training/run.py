@@ -52,12 +52,10 @@ def run_training(model_source: str, data: str, tc: TrainConfig, eval_data: str |
     output directory must be storage they all see. Process 0 writes the metrics, plot and export."""
     import jax
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
-
     from easympt.checkpoint import is_easympt_checkpoint
     from easympt.model import FlaxMptForCausalLM
     from easympt.transform import mpt_from_pretrained, mpt_to_pretrained
-    from easympt.transform.hf_to_flax import resolve_checkpoint_dir
+    from easympt.transform.hf_to_flax import load_tokenizer, resolve_checkpoint_dir
 
     if is_easympt_checkpoint(model_source):
         raise ValueError(f"{model_source}: train from a Hugging Face checkpoint (it holds the tokenizer); "
@@ -72,7 +70,7 @@ def run_training(model_source: str, data: str, tc: TrainConfig, eval_data: str |
     if tc.seq_len > config.max_seq_len and not config.attn_config.alibi:
         raise ValueError(f"seq_len {tc.seq_len} exceeds max_seq_len {config.max_seq_len} of a model "
                          "with learned position embeddings")
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer = load_tokenizer(src)
     eos = tokenizer.eos_token_id
     rows = pack(tokenize(read_examples(data), tokenizer, tc.seq_len, eos), tc.seq_len)
     if eval_data:
