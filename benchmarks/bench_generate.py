@@ -111,7 +111,8 @@ def compare(ours: dict, peer: dict) -> dict:
     return out
 
 
-PEER_FORMAT = {"bf16": "f16"}  # the llama.cpp GGUF type of the same bytes per weight
+# the llama.cpp GGUF type of about the same bytes per weight
+PEER_FORMAT = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0"}
 
 
 def build_engine(model, params, args, kv_dtype=None) -> GenerationEngine:
@@ -122,9 +123,15 @@ def build_engine(model, params, args, kv_dtype=None) -> GenerationEngine:
 
 def format_engine(fmt: str, config, params, args) -> GenerationEngine:
     """An engine over the same weights in another format: bf16 is 16-bit weights under float32
-    compute (easympt.dtypes.inference_dtypes; on CPU the kernels read bfloat16 panels)."""
+    compute (easympt.dtypes.inference_dtypes; on CPU the kernels read bfloat16 panels); int8 / int4
+    are easympt.kernels.quant's weight-only formats (quantized here from the float32 weights)."""
+    if fmt in ("int8", "int4"):
+        from easympt.transform.quantized import quantize_params
+
+        model = FlaxMptForCausalLM(config, dtype=jnp.float32, _do_init=False, quantize=fmt)
+        return build_engine(model, quantize_params(params, config, fmt), args)
     if fmt != "bf16":
-        raise SystemExit(f"--formats: {fmt!r} is not one of fp32, bf16")
+        raise SystemExit(f"--formats: {fmt!r} is not one of fp32, bf16, int8, int4")
     model = FlaxMptForCausalLM(config, dtype=jnp.float32, param_dtype=jnp.bfloat16, _do_init=False)
     return build_engine(model, jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params), args)
 
@@ -139,7 +146,8 @@ def main() -> int:
     ap.add_argument("--skip-torch", action="store_true", help="no peer (e.g. on a GPU box without torch CUDA)")
     ap.add_argument("--formats", default="fp32",
                     help="comma-separated weight formats easympt runs, each timed in turns with the peers: fp32, "
-                         "bf16 (16-bit weights under float32 compute; llama.cpp's f16 is its peer)")
+                         "bf16 (16-bit weights under float32 compute; llama.cpp's f16 is its peer), int8 and int4 "
+                         "(weight-only; llama.cpp's q8_0 and q4_0)")
     ap.add_argument("--llama-cpp-src", default=None,
                     help="llama.cpp's converter source (an unpacked llama-cpp-python sdist): adds llama.cpp as a "
                          "peer, f32 and f16 GGUFs of the same checkpoint, batch 1 (needs llama-cpp-python)")
@@ -184,7 +192,8 @@ def main() -> int:
                                                  str(np.dtype(model.dtype)))))
             if args.llama_cpp_src:
                 started += [(f"llama.cpp {t}", ("llama-cpp", ckpt, "--prompts", prompts, "--llama-cpp-src",
-                                                args.llama_cpp_src, "--outtype", t)) for t in ("f32", "f16")]
+                                                args.llama_cpp_src, "--outtype", t))
+                            for t in ("f32", *dict.fromkeys(PEER_FORMAT.get(f, "f16") for f in formats or ["bf16"]))]
             for name, peer_args in started:
                 peer = peers.enter_context(Peer(*peer_args))
                 if "skipped" in peer.info:

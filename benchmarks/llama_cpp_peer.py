@@ -51,10 +51,21 @@ def write_gguf(ckpt: str, src: str, out: str, outtype: str = "f32") -> str:
         cfg = json.load(open(cfg_path))
         cfg["architectures"] = ["MPTForCausalLM"]
         json.dump(cfg, open(cfg_path, "w"))
-        done = subprocess.run([sys.executable, converter(src), tmp, "--outfile", out, "--outtype", outtype],
+        # q4_0 is not a converter type: convert to f16, then llama.cpp's own quantizer (its C API)
+        convert_to = "f16" if outtype == "q4_0" else outtype
+        first = out + ".f16" if outtype == "q4_0" else out
+        done = subprocess.run([sys.executable, converter(src), tmp, "--outfile", first, "--outtype", convert_to],
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"llama.cpp's converter failed on {ckpt}:\n{done.stderr[-2000:]}")
+    if outtype == "q4_0":
+        import llama_cpp
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+        if llama_cpp.llama_model_quantize(first.encode(), out.encode(), params) != 0:
+            raise RuntimeError(f"llama.cpp could not quantize {first} to q4_0")
+        os.remove(first)
     return out
 
 
