@@ -37,13 +37,9 @@ std::vector<T> Pack(const std::vector<float>& w, int64_t K, int64_t N) {
   return out;
 }
 
-template <typename T>
-bool CheckMatmul(int64_t M, int64_t K, int64_t N) {
-  std::vector<float> x(M * K), w(K * N), y(M * N, NAN);
-  for (auto& v : x) v = Normal();
-  for (auto& v : w) v = sizeof(T) == 2 ? Widen(Bf16Bits(Normal())) : Normal();
-  const std::vector<T> packed = Pack<T>(w, K, N);
-  Panels(x.data(), M, K, packed.data(), nullptr, y.data(), N, 0, (N + kPanel - 1) / kPanel);
+// y [M, N] from a kernel against x @ w in double precision; prints one line, true when within bounds.
+bool CheckProduct(const char* what, const std::vector<float>& x, const std::vector<float>& w,
+                  const std::vector<float>& y, int64_t M, int64_t K, int64_t N) {
   double worst = 0.0;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
@@ -52,9 +48,19 @@ bool CheckMatmul(int64_t M, int64_t K, int64_t N) {
       worst = std::max(worst, std::fabs(want - y[m * N + n]) / std::sqrt(double(K)));
     }
   const bool ok = worst < 1e-4;
-  std::printf("%s matmul %s M=%lld K=%lld N=%lld: max |err| / sqrt(K) %.2e %s\n", EASYMPT_ISA,
-              sizeof(T) == 2 ? "bf16" : "f32", (long long)M, (long long)K, (long long)N, worst, ok ? "ok" : "FAILED");
+  std::printf("%s matmul %s M=%lld K=%lld N=%lld: max |err| / sqrt(K) %.2e %s\n", EASYMPT_ISA, what, (long long)M,
+              (long long)K, (long long)N, worst, ok ? "ok" : "FAILED");
   return ok;
+}
+
+template <typename T>
+bool CheckMatmul(int64_t M, int64_t K, int64_t N) {
+  std::vector<float> x(M * K), w(K * N), y(M * N, NAN);
+  for (auto& v : x) v = Normal();
+  for (auto& v : w) v = sizeof(T) == 2 ? Widen(Bf16Bits(Normal())) : Normal();
+  const std::vector<T> packed = Pack<T>(w, K, N);
+  Panels(x.data(), M, K, packed.data(), nullptr, y.data(), N, 0, (N + kPanel - 1) / kPanel);
+  return CheckProduct(sizeof(T) == 2 ? "bf16" : "f32", x, w, y, M, K, N);
 }
 
 // 8- and 4-bit panels (easympt.kernels.linear.pack_quantized) against the float product of the values
@@ -91,17 +97,7 @@ bool CheckQuantMatmul(bool int4, int64_t M, int64_t K, int64_t N) {
   } else {
     Panels(x.data(), M, K, q8.data(), s8.data(), y.data(), N, 0, P);
   }
-  double worst = 0.0;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) {
-      double want = 0.0;
-      for (int64_t k = 0; k < K; ++k) want += double(x[m * K + k]) * w[k * N + n];
-      worst = std::max(worst, std::fabs(want - y[m * N + n]) / std::sqrt(double(K)));
-    }
-  const bool ok = worst < 1e-4;
-  std::printf("%s matmul %s M=%lld K=%lld N=%lld: max |err| / sqrt(K) %.2e %s\n", EASYMPT_ISA, int4 ? "int4" : "int8",
-              (long long)M, (long long)K, (long long)N, worst, ok ? "ok" : "FAILED");
-  return ok;
+  return CheckProduct(int4 ? "int4" : "int8", x, w, y, M, K, N);
 }
 
 // One row (n = 0), G query heads, over S slots of which the first L = q_slot + 1 are causal and
