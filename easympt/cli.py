@@ -26,7 +26,8 @@ def _add_quantize(p: argparse.ArgumentParser, what: str = "weights quantized as 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: fp32 on CPU, bf16 on GPU/TPU)")
     p.add_argument("--kv-dtype", dest="kv_dtype", default=None,
-                   help="KV-cache dtype (default: --dtype); bf16 under fp32 halves what a long-context step reads")
+                   help="KV-cache dtype (default: --dtype): bf16 under fp32 halves what a long-context step "
+                        "reads, int8 (a scale per token and KV head) quarters it")
     _add_quantize(p)
     p.add_argument("--max-length", type=int, default=2048, help="prompt + generated tokens per request")
     p.add_argument("--max-compile-tokens", type=int, default=64,
@@ -423,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint directory, config.json, hub id (fetches config.json only) or a "
                                  "preset name (mpt-7b, mpt-30b, mpt-7b-storywriter, ...)")
     p.add_argument("--dtype", default="bf16", help="weight dtype (default bf16)")
-    p.add_argument("--kv-dtype", dest="kv_dtype", default=None, help="KV-cache dtype (default: --dtype)")
+    p.add_argument("--kv-dtype", dest="kv_dtype", default=None,
+                   help="KV-cache dtype: fp32 / bf16 / fp16 / int8 (default: --dtype)")
     _add_quantize(p, "the plan counts their scales; --dtype is then what stays float")
     p.add_argument("--max-length", dest="max_length", type=int, default=None,
                    help="tokens per request (default: the config's max_seq_len)")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easympt.cache import readable, write_layer
+from easympt.cache import readable, slots, write_layer
 from easympt.config import MptConfig
 from easympt.kernels import cpu
 from easympt.kernels.attention import AttentionMask, attend
@@ -144,7 +144,7 @@ class MptAttention(MptModule):
     def __call__(self, x, mask: AttentionMask, layer_cache=None, write_index=None, deterministic=True):
         """x [B, T, E]; mask: which key slots each query sees, and their positions (for ALiBi).
 
-        layer_cache: (keys [B*K, D, S], values [B*K, S, D]) buffers (easympt.cache) to write the new
+        layer_cache: (keys [B*K, D, S], values [B*K, S, D]) buffers (easympt.cache; arrays or Int8Slots) to write the new
         keys into at `write_index` [B]; returns (out [B, T, E], new layer_cache).
         """
         c = self.config
@@ -176,7 +176,8 @@ class MptAttention(MptModule):
             # the updated cache, XLA:CPU fused slice(update(cache)) into one read of the old buffer
             # and then copied the whole cache, twice per layer and step, to update it in place: a
             # 2,048-slot window of an 8,192-slot cache decoded 3x slower than no window at all.
-            keys, values = write_layer(layer_cache[0][:, :, :W], layer_cache[1][:, :W], k, v, write_index)
+            keys, values = write_layer(slots(layer_cache[0], np.s_[:, :, :W]), slots(layer_cache[1], np.s_[:, :W]),
+                                       k, v, write_index)
         else:
             keys, values = layer_cache = write_layer(*layer_cache, k, v, write_index)
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from easympt.cache import CACHE_AXES
+from easympt.cache import CACHE_AXES, resolve_kv_dtype
 from easympt.config import MptConfig
 from easympt.dtypes import resolve_dtype
 from easympt.sharding import MESH_AXES, logical_spec, named_sharding, shardings_for
@@ -52,6 +52,7 @@ class MemoryPlan:
     device_param_bytes: int
     device_kv_bytes: int
     device_memory: int | None = None
+    kv_dtype: str = ""  # the cache's dtype name (int8: scales counted)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -77,7 +78,7 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         return {"dtype": self.dtype, "n_params": self.n_params, "param_bytes": self.param_bytes,
-                "kv_bytes_per_token": self.kv_bytes_per_token, "kv_bytes_per_request": self.kv_bytes_per_request,
+                "kv_dtype": self.kv_dtype, "kv_bytes_per_token": self.kv_bytes_per_token, "kv_bytes_per_request": self.kv_bytes_per_request,
                 "kv_cache_bytes": self.kv_cache_bytes, "max_length": self.max_length,
                 "batch_size": self.batch_size, "mesh": self.mesh, "n_devices": self.n_devices,
                 "device_param_bytes": self.device_param_bytes, "device_kv_bytes": self.device_kv_bytes,
@@ -88,7 +89,7 @@ class MemoryPlan:
         g = lambda b: f"{b / GB:,.2f} GB"  # noqa: E731
         lines = [
             f"parameters        {self.n_params / 1e9:,.3f} B = {g(self.param_bytes)} in {self.dtype}",
-            f"KV cache          {self.kv_bytes_per_token / 2**20:,.3f} MiB per token, "
+            f"KV cache          {self.kv_bytes_per_token / 2**20:,.3f} MiB per token ({self.kv_dtype}), "
             f"{g(self.kv_bytes_per_request)} per request of {self.max_length} tokens, "
             f"{g(self.kv_cache_bytes)} for batch {self.batch_size}",
             f"mesh              {'x'.join(f'{a}={n}' for a, n in self.mesh.items())} ({self.n_devices} devices)",
@@ -118,7 +119,7 @@ def memory_plan(config: MptConfig, dtype="bf16", max_length: int | None = None, 
     from easympt.heads import model_class_for
 
     dtype = np.dtype(resolve_dtype(dtype))
-    kv_dtype = np.dtype(resolve_dtype(kv_dtype) or dtype)
+    kv_dtype = np.dtype(resolve_kv_dtype(kv_dtype) or dtype)
     max_length = max_length or config.max_seq_len
     sizes = parse_mesh(mesh)
     abstract = AbstractMesh(tuple(sizes.values()), tuple(sizes))
@@ -134,7 +135,9 @@ def memory_plan(config: MptConfig, dtype="bf16", max_length: int | None = None, 
 
     per_layer = (batch_size, config.kv_heads, max_length, config.head_dim)
     cache_sharding = named_sharding(abstract, logical_spec(CACHE_AXES), per_layer, misfit="replicate")
-    device_kv = 2 * config.n_layers * _shard_bytes(cache_sharding, per_layer, kv_dtype.itemsize)
+    # an int8 cache keeps a float32 scale per token and KV head next to the head's D bytes (Int8Slots)
+    slot_bytes = kv_dtype.itemsize + (4 / config.head_dim if kv_dtype == np.int8 else 0)
+    device_kv = int(2 * config.n_layers * _shard_bytes(cache_sharding, per_layer, 1) * slot_bytes)
     notes = []
     if max_length > config.max_seq_len:
         notes.append(f"max_length {max_length} is past the trained max_seq_len {config.max_seq_len} "
@@ -148,7 +151,8 @@ def memory_plan(config: MptConfig, dtype="bf16", max_length: int | None = None, 
     return MemoryPlan(
         dtype=f"{quantize} ({dtype.name} norms and biases)" if quantize else dtype.name, n_params=n_params,
         param_bytes=param_bytes,
-        kv_bytes_per_token=2 * config.n_layers * config.kv_heads * config.head_dim * kv_dtype.itemsize,
+        kv_bytes_per_token=int(2 * config.n_layers * config.kv_heads * config.head_dim * slot_bytes),
         max_length=max_length, batch_size=batch_size, mesh=sizes, device_param_bytes=device_param_bytes,
         device_kv_bytes=device_kv, device_memory=None if device_memory is None else int(device_memory),
+        kv_dtype=kv_dtype.name,
         notes=notes)

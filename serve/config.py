@@ -28,7 +28,8 @@ class JaxServerConfig(BaseModel):
     mesh_axes_names: tuple[str, ...] = ("dp", "fsdp", "tp", "sp")
     mesh_axes_shape: tuple[int, ...] = (1, -1, 1, 1)
     dtype: str = "auto"
-    kv_dtype: str = Field("auto", description="KV-cache dtype; auto: the compute dtype")
+    kv_dtype: str = Field("auto", description="KV-cache dtype (float32, bfloat16, float16 or int8: a scale per "
+                                               "token and KV head); auto: the compute dtype")
     quantize: str | None = Field(None, description="weight format: int8 or int4 (weight-only; None: float)")
     use_prefix_tokenizer: bool = True
     pre_compile: bool = True
@@ -49,13 +50,22 @@ class JaxServerConfig(BaseModel):
 
         return check_format(v)
 
-    @field_validator("dtype", "kv_dtype")
+    @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str, info) -> str:
         from easympt.dtypes import resolve_dtype
 
         if v != "auto":
             resolve_dtype(v, info.field_name)
+        return v
+
+    @field_validator("kv_dtype")
+    @classmethod
+    def _kv_dtype(cls, v: str) -> str:
+        from easympt.cache import resolve_kv_dtype
+
+        if v != "auto":
+            resolve_kv_dtype(v)
         return v
 
     @model_validator(mode="after")

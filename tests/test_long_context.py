@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import full_config, random_state_dict, write_checkpoint
 
-from easympt import FlaxMptForCausalLM
+from easympt import FlaxMptForCausalLM, MptConfig
 from easympt.generation import GenerationEngine, SamplingConfig
 from easympt.transform import mpt_from_pretrained
 
@@ -149,6 +149,34 @@ def test_decode_at_65k_context_needs_little_beyond_weights_and_cache():
     assert temp < 4 * GB, f"decode temporaries {temp / GB:.2f} GB"
     plan = memory_plan(config, dtype="bf16", max_length=LONG)
     assert plan.param_bytes + plan.kv_cache_bytes + temp < 80 * GB
+
+
+def test_storywriter_at_65k_with_int4_weights_and_an_int8_cache_fits_24_gb():
+    """mpt-7b-storywriter decoding at 65,536 tokens on a 24 GB machine: int4 weights (3.83 GB) and an
+    int8 cache (17.72 GB: a scale per token and KV head counted) with easympt's CPU kernels, which
+    read both in place; the decode step's temporaries (measured 0.67 GB) fit in what is left."""
+    import jax
+    import jax.numpy as jnp
+
+    from easympt.cache import KVCache
+    from easympt.kernels import cpu
+    from easympt.kernels.linear import pack_params
+    from easympt.plan import memory_plan
+
+    if not cpu.available():
+        pytest.skip("easympt's CPU kernels are not built here (tests/test_cpu_kernels.py fails for that)")
+    config = MptConfig.preset("mpt-7b-storywriter")
+    model = FlaxMptForCausalLM(config, dtype=jnp.float32, param_dtype=jnp.bfloat16, _do_init=False, quantize="int4")
+    module = model.module.clone(cpu_kernels=True)
+    params = jax.eval_shape(pack_params, model.params_shape())
+    cache = jax.eval_shape(lambda: KVCache.zeros(config, 1, LONG, jnp.int8))
+    step = lambda p, c, tok: module.apply({"params": p}, tok, jnp.ones_like(tok), c)  # noqa: E731
+    temp = _temp_bytes(step, params, cache, jax.ShapeDtypeStruct((1, 1), jnp.int32), donate=(1,))
+    plan = memory_plan(config, dtype="bf16", max_length=LONG, kv_dtype="int8", quantize="int4")
+    buffers = jax.tree_util.tree_leaves((cache.keys, cache.values))
+    assert plan.kv_cache_bytes == sum(x.size * x.dtype.itemsize for x in buffers)  # scales counted
+    assert temp < 1.5 * GB, f"decode temporaries {temp / GB:.2f} GB"
+    assert plan.param_bytes + plan.kv_cache_bytes + temp < 24 * GB
 
 
 def test_65k_prefill_in_chunks_needs_bounded_temporaries():

@@ -36,8 +36,9 @@ def test_config_rejects_unknown_and_bad_keys():
         JaxServerConfig(temperature=-1)
     with pytest.raises(ValueError, match="dtype"):
         JaxServerConfig(dtype="int4")
-    with pytest.raises(ValueError, match="kv_dtype 'int8' is not one of"):
-        JaxServerConfig(kv_dtype="int8")
+    with pytest.raises(ValueError, match="kv_dtype 'int4' is not one of"):
+        JaxServerConfig(kv_dtype="int4")
+    assert JaxServerConfig(kv_dtype="int8").kv_dtype == "int8"
     assert JaxServerConfig().host == "127.0.0.1" and JaxServerConfig().port == 2059
 
 

@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easympt.cache import KVCache, cache_rows
-from easympt.dtypes import resolve_dtype
+from easympt.cache import KVCache, cache_rows, resolve_kv_dtype
 from easympt.generation.sampling import (MAX_LOGPROBS, NO_STOP, SamplingConfig, SamplingRows, TokenLogprobs, sample,
                                         token_logprobs)
 from easympt.kernels import cpu, linear
@@ -118,7 +117,8 @@ class GenerationEngine:
     `kv_dtype`: the KV cache's dtype (default: the model's compute dtype). A bfloat16 cache under
     float32 compute halves the bytes a long-context decode step reads (the attention kernel widens
     it exactly on load) at the cost of rounding keys and values to bfloat16, as llama.cpp's default
-    16-bit cache does.
+    16-bit cache does. "int8" quarters it (easympt.cache.Int8Slots: a scale per slot and KV head; the
+    CPU decode kernel reads the int8 slots, XLA's path a dequantized copy).
     """
 
     def __init__(self, model: FlaxMptForCausalLM, params, max_length: int = 2048, max_compile_tokens: int = 64,
@@ -131,7 +131,7 @@ class GenerationEngine:
         if cfg.attn_config.prefix_lm:
             raise ValueError("generation with prefix_lm models is not implemented")
         self.model, self.config = model, cfg
-        self.kv_dtype = resolve_dtype(kv_dtype, "kv_dtype") or model.dtype
+        self.kv_dtype = resolve_kv_dtype(kv_dtype) or model.dtype
         self.module, self.params = _with_cpu_kernels(model, unwrap_params(params), cpu_kernels)
         # the instruction set the CPU kernels run with (easympt.kernels.cpu), None without them
         self.cpu_isa = cpu.active_isa() if self.module.cpu_kernels else None
@@ -216,9 +216,10 @@ class GenerationEngine:
         key_valid = c.key_valid.at[slots].set(False, mode="drop")
         key_valid = key_valid.at[slots, :P].set(prefix.cache.key_valid, mode="drop")
         cache = c.replace(
-            keys=tuple(b.at[rows, :, :P].set(r.astype(b.dtype), mode="drop") for b, r in zip(c.keys, prefix.cache.keys)),
-            values=tuple(b.at[rows, :P].set(r.astype(b.dtype), mode="drop")
-                         for b, r in zip(c.values, prefix.cache.values)),
+            keys=jax.tree_util.tree_map(lambda b, r: b.at[rows, :, :P].set(r.astype(b.dtype), mode="drop"),
+                                        c.keys, prefix.cache.keys),
+            values=jax.tree_util.tree_map(lambda b, r: b.at[rows, :P].set(r.astype(b.dtype), mode="drop"),
+                                          c.values, prefix.cache.values),
             key_valid=key_valid,
             index=c.index.at[slots].set(prefix.cache.index, mode="drop"),
             n_tokens=c.n_tokens.at[slots].set(prefix.cache.n_tokens, mode="drop"))

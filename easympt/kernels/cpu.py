@@ -53,6 +53,8 @@ def _load(isa: str) -> ctypes.CDLL | None:
                                 platform="cpu")
     jax.ffi.register_ffi_target(_target("decode_attention", isa), jax.ffi.pycapsule(lib.EasymptDecodeAttention),
                                 platform="cpu")
+    jax.ffi.register_ffi_target(_target("decode_attention_int8", isa),
+                                jax.ffi.pycapsule(lib.EasymptDecodeAttentionInt8), platform="cpu")
     return lib
 
 
@@ -163,13 +165,14 @@ def packed_matmul_quant(x: jax.Array, packed: jax.Array, scale: jax.Array, n: in
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(x, packed, scale)
 
 
-# what the attention kernel reads: float32, or bfloat16 (half the bytes), also as its uint16 bits (easympt.cache)
-CACHE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.uint16)
+# what the attention kernel reads: float32, or bfloat16 (half the bytes), also as its uint16 bits (easympt.cache),
+# or int8 slots with a float32 scale each (easympt.cache.Int8Slots: a quarter of float32's bytes)
+CACHE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.uint16, jnp.int8)
 
 
-def decodes(q: jax.Array, kt: jax.Array, mask, dropout) -> bool:
-    """Whether `decode_attention` takes this attention: one new token per row over a float32 or
-    bfloat16 cache (causal, no prefix or packed documents), float32 queries, a head size of whole
+def decodes(q: jax.Array, kt, mask, dropout) -> bool:
+    """Whether `decode_attention` takes this attention: one new token per row over a float32, bfloat16
+    or int8 cache (causal, no prefix or packed documents), float32 queries, a head size of whole
     vectors, no dropout."""
     return (q.shape[3] == 1 and q.shape[-1] % 16 == 0 and q.dtype == jnp.float32 and kt.dtype in CACHE_DTYPES
             and dropout is None and mask.causal and mask.key_prefix is None and mask.q_segment is None)
@@ -178,12 +181,19 @@ def decodes(q: jax.Array, kt: jax.Array, mask, dropout) -> bool:
 def decode_attention(q, kt, v, mask, slopes, scale: float, isa: str | None = None) -> jax.Array:
     """One query per row and head over the slots each row holds (slots 0..q_slot that are valid):
     easympt.kernels.dense_attention's decode without reading the rest of the cache. q [B, K, G, 1, D],
-    kt [B*K, D, S], v [B*K, S, D] (easympt.cache: float32 or bfloat16 bits), slopes [K, G] or None
-    -> [B, 1, K, G, D] float32. `isa` as for `packed_matmul`."""
-    target = _target("decode_attention", _kernel_isa(isa))
+    kt [B*K, D, S], v [B*K, S, D] (easympt.cache: float32, bfloat16 bits, or Int8Slots), slopes [K, G]
+    or None -> [B, 1, K, G, D] float32. `isa` as for `packed_matmul`."""
     B, K, G, _, D = q.shape
+    isa = _kernel_isa(isa)
     slopes = jnp.zeros((K * G,), jnp.float32) if slopes is None else slopes.reshape(-1).astype(jnp.float32)
-    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((B * K, G, D), jnp.float32))(
-        q.reshape(B * K, G, D), kt, v.astype(kt.dtype), mask.q_slots[:, 0].astype(jnp.int32),
-        mask.key_valid, slopes, scale=np.float32(scale))
+    rows = (mask.q_slots[:, 0].astype(jnp.int32), mask.key_valid, slopes)
+    result = jax.ShapeDtypeStruct((B * K, G, D), jnp.float32)
+    if kt.dtype == jnp.int8:  # Int8Slots: scales [N, 1, S] and [N, S, 1] are [N, S] in memory
+        N, S = kt.shape[0], kt.shape[2]
+        out = jax.ffi.ffi_call(_target("decode_attention_int8", isa), result)(
+            q.reshape(B * K, G, D), kt.q, v.q, kt.scale.reshape(N, S), v.scale.reshape(N, S), *rows,
+            scale=np.float32(scale))
+    else:
+        out = jax.ffi.ffi_call(_target("decode_attention", isa), result)(
+            q.reshape(B * K, G, D), kt, v.astype(kt.dtype), *rows, scale=np.float32(scale))
     return out.reshape(B, 1, K, G, D)
