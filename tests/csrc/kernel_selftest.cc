@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "../../easympt/kernels/csrc/cpu_kernels.inc"
@@ -102,7 +103,8 @@ bool CheckQuantMatmul(bool int4, int64_t M, int64_t K, int64_t N) {
 
 // One row (n = 0), G query heads, over S slots of which the first L = q_slot + 1 are causal and
 // `valid` marks real keys; ALiBi slopes per head.
-bool CheckDecode(int64_t G, int64_t D, int64_t S, int32_t q_slot, bool bf16) {
+// cache: "f32", "bf16" (bits) or "int8" (a float32 scale per slot for keys and for values).
+bool CheckDecode(int64_t G, int64_t D, int64_t S, int32_t q_slot, const std::string& cache) {
   std::vector<float> q(G * D), kt(D * S), v(S * D), slopes(G), out(G * D), scores(G * ((S + 15) / 16 * 16 + 16));
   for (auto& a : q) a = Normal();
   for (auto& a : kt) a = Normal();
@@ -113,15 +115,31 @@ bool CheckDecode(int64_t G, int64_t D, int64_t S, int32_t q_slot, bool bf16) {
   if (S > 7) valid_bytes[7] = 0;
   const bool* valid = reinterpret_cast<const bool*>(valid_bytes.data());
   const float scale = 0.3f;
-  if (bf16) {  // keys and values as bfloat16 bits (rounded toward zero here), the reference reads the same
+  if (cache == "bf16") {  // keys and values as bfloat16 bits (rounded toward zero here), the reference reads the same
     std::vector<uint16_t> kb(kt.size()), vb(v.size());
     for (size_t i = 0; i < kt.size(); ++i) kt[i] = Widen(kb[i] = Bf16Bits(kt[i]));
     for (size_t i = 0; i < v.size(); ++i) v[i] = Widen(vb[i] = Bf16Bits(v[i]));
-    DecodeRow<uint16_t>(0, q.data(), kb.data(), vb.data(), q_slot, valid, slopes.data(), scale, G, D, S, out.data(),
-                        scores.data());
+    DecodeRow<uint16_t>(0, q.data(), kb.data(), vb.data(), nullptr, nullptr, q_slot, valid, slopes.data(), scale, G,
+                        D, S, out.data(), scores.data());
+  } else if (cache == "int8") {  // rounded to int8 per slot; the reference reads the dequantized values
+    std::vector<int8_t> kq(kt.size()), vq(v.size());
+    std::vector<float> ks(S), vs(S);
+    for (int64_t s = 0; s < S; ++s) {
+      float km = 0.0f, vm = 0.0f;
+      for (int64_t d = 0; d < D; ++d) km = std::max(km, std::fabs(kt[d * S + s])), vm = std::max(vm, std::fabs(v[s * D + d]));
+      ks[s] = km / 127.0f, vs[s] = vm / 127.0f;
+      for (int64_t d = 0; d < D; ++d) {
+        kq[d * S + s] = int8_t(std::lrint(kt[d * S + s] / ks[s]));
+        kt[d * S + s] = float(kq[d * S + s]) * ks[s];
+        vq[s * D + d] = int8_t(std::lrint(v[s * D + d] / vs[s]));
+        v[s * D + d] = float(vq[s * D + d]) * vs[s];
+      }
+    }
+    DecodeRow<int8_t>(0, q.data(), kq.data(), vq.data(), ks.data(), vs.data(), q_slot, valid, slopes.data(), scale, G,
+                      D, S, out.data(), scores.data());
   } else {
-    DecodeRow<float>(0, q.data(), kt.data(), v.data(), q_slot, valid, slopes.data(), scale, G, D, S, out.data(),
-                     scores.data());
+    DecodeRow<float>(0, q.data(), kt.data(), v.data(), nullptr, nullptr, q_slot, valid, slopes.data(), scale, G, D, S,
+                     out.data(), scores.data());
   }
   double worst = 0.0;
   const int64_t L = std::min<int64_t>(q_slot + 1, S);
@@ -144,7 +162,7 @@ bool CheckDecode(int64_t G, int64_t D, int64_t S, int32_t q_slot, bool bf16) {
   }
   const bool ok = worst < 1e-5;
   std::printf("%s decode attention G=%lld D=%lld S=%lld q_slot=%d %s: max |err| %.2e %s\n", EASYMPT_ISA,
-              (long long)G, (long long)D, (long long)S, q_slot, bf16 ? "bf16" : "f32", worst, ok ? "ok" : "FAILED");
+              (long long)G, (long long)D, (long long)S, q_slot, cache.c_str(), worst, ok ? "ok" : "FAILED");
   return ok;
 }
 
@@ -158,10 +176,10 @@ int main() {
   for (int64_t M : {1, 2, 3, 8, 9, 33, 40})
     for (auto [K, N] : {std::pair<int64_t, int64_t>{64, 100}, {32, 48}, {160, 1}, {256, 500}})
       ok = CheckQuantMatmul(false, M, K, N) && CheckQuantMatmul(true, M, K, N) && ok;
-  for (bool bf16 : {false, true})
+  for (const std::string cache : {"f32", "bf16", "int8"})
     for (auto [G, D, S, slot] : {std::tuple<int64_t, int64_t, int64_t, int32_t>{1, 16, 37, 36}, {3, 64, 64, 20},
                                  {8, 32, 130, 129}, {2, 16, 200, 5}})
-      ok = CheckDecode(G, D, S, slot, bf16) && ok;
+      ok = CheckDecode(G, D, S, slot, cache) && ok;
   std::printf("%s\n", ok ? "all ok" : "FAILED");
   return ok ? 0 : 1;
 }
