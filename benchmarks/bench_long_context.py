@@ -11,8 +11,9 @@ With --reference N: the greedy continuation of an N-token prompt by a small rand
 numpy reference of llm-foundry's MPT (tests/reference_mpt.py, float64, attention a block of query
 rows at a time). Prints a table and one JSON line.
 
-With --kv-dtype bf16 the KV cache is bfloat16 (half the bytes; float32 compute). With --kv-compare
-N,N: only decode after N-token prompts with both caches, in one process, timed in turns.
+With --kv-dtype bf16 the KV cache is bfloat16 (half the bytes; float32 compute), with int8 8-bit (a
+scale per token and KV head). With --kv-compare N,N: only decode after N-token prompts with each
+cache (float32, bfloat16, int8), in one process, timed in turns.
 
     python benchmarks/bench_long_context.py [--lengths 2048,8192,16384,32768] [--chunk 2048] [--kv-dtype bf16]
                                             [--reference 16384] [--kv-compare 2048,8192,16384]
@@ -28,6 +29,8 @@ import sys
 import time
 
 from timing import machine
+
+KV_DTYPES = ("float32", "bfloat16", "int8")  # the caches --kv-compare times
 
 
 def _rss(field: str) -> int:
@@ -102,7 +105,7 @@ def kv_compare(length: int, geometry: str, rounds: int = 5) -> dict:
         return step
 
     # the warm-up round compiles; each row decodes 16 * (rounds + 1) tokens, within its 256 spare slots
-    rates = in_turns({kv: decoder(kv) for kv in ("float32", "bfloat16")}, rounds)
+    rates = in_turns({kv: decoder(kv) for kv in KV_DTYPES}, rounds)
     return {"length": length, **{f"decode_tok_s_{kv}": float(np.median(r)) for kv, r in rates.items()}}
 
 
@@ -158,15 +161,16 @@ def main(argv=None) -> int:
     ap.add_argument("--reference", type=int, default=None, metavar="N",
                     help="only check greedy tokens after an N-token prompt against the numpy reference")
     ap.add_argument("--kv-compare", default=None, metavar="N,N",
-                    help="only time decode after N-token prompts with a float32 and a bfloat16 cache, in turns")
+                    help="only time decode after N-token prompts with a float32, a bfloat16 and an int8 cache, in turns")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.kv_compare:
         rows = [kv_compare(int(n), args.geometry) for n in args.kv_compare.split(",")]
         for r in rows:
-            print(f"{r['length']:>6} tokens: decode {r['decode_tok_s_float32']:.1f} tok/s with a float32 cache, "
-                  f"{r['decode_tok_s_bfloat16']:.1f} with a bfloat16 one "
-                  f"({r['decode_tok_s_bfloat16'] / r['decode_tok_s_float32']:.2f}x; timed in turns)", flush=True)
+            f32 = r["decode_tok_s_float32"]
+            print(f"{r['length']:>6} tokens: decode tok/s by cache, timed in turns: " + ", ".join(
+                f"{kv} {r[f'decode_tok_s_{kv}']:.1f} ({r[f'decode_tok_s_{kv}'] / f32:.2f}x)" for kv in KV_DTYPES),
+                flush=True)
         print(json.dumps({"bench": "long_context_kv_compare", **machine(), "geometry": args.geometry, "runs": rows}))
         return 0
     if args.reference:
