@@ -40,13 +40,46 @@ def available(src: str | None) -> str | None:
     return None
 
 
-def write_gguf(ckpt: str, src: str, out: str, outtype: str = "f32") -> str:
-    """GGUF of an HF MPT checkpoint; the converter knows MosaicML's `MPTForCausalLM` spelling."""
+# Runs llama.cpp's converter with one change: a byte-level BPE whose pre-tokenizer hash the converter
+# does not list (the demo model's small tokenizer, trained with `tokenizers`) is written as "gpt-2",
+# the pre-tokenizer a ByteLevel BPE without a prefix space uses. The benchmarks hand llama.cpp token
+# ids, never text, so only the vocabulary's size and ids must agree.
+_CONVERT = """
+import importlib.util, inspect, os, sys
+path = sys.argv.pop(1)
+sys.path.insert(0, os.path.dirname(path))  # as when the script runs itself: its conversion/ package
+spec = importlib.util.spec_from_file_location("convert_hf_to_gguf", path)
+module = importlib.util.module_from_spec(spec)
+sys.modules["convert_hf_to_gguf"] = module
+spec.loader.exec_module(module)
+def known_or_gpt2(original):
+    def get_vocab_base_pre(self, tokenizer):
+        try:
+            return original(self, tokenizer)
+        except NotImplementedError:
+            return "gpt-2"
+    return get_vocab_base_pre
+here = os.path.dirname(os.path.abspath(path))
+for mod in list(sys.modules.values()):  # the converter's own modules only
+    if not (getattr(mod, "__file__", None) or "").startswith(here):
+        continue
+    for cls in list(vars(mod).values()):
+        if inspect.isclass(cls) and "get_vocab_base_pre" in vars(cls):
+            cls.get_vocab_base_pre = known_or_gpt2(vars(cls)["get_vocab_base_pre"])
+module.main()
+"""
+
+
+def write_gguf(ckpt: str, src: str, out: str, outtype: str = "f32", tokenizer_dir: str = TOKENIZER_DIR) -> str:
+    """GGUF of an HF MPT checkpoint; the converter knows MosaicML's `MPTForCausalLM` spelling. The
+    tokenizer files come from `tokenizer_dir` (default gpt-neox-20b's, which MosaicML's MPTs use)."""
     with tempfile.TemporaryDirectory() as tmp:
         for f in os.listdir(ckpt):
-            shutil.copy(os.path.join(ckpt, f), tmp)
+            if os.path.isfile(os.path.join(ckpt, f)):
+                shutil.copy(os.path.join(ckpt, f), tmp)
         for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            shutil.copy(os.path.join(TOKENIZER_DIR, f), tmp)
+            if os.path.exists(os.path.join(tokenizer_dir, f)):
+                shutil.copy(os.path.join(tokenizer_dir, f), tmp)
         cfg_path = os.path.join(tmp, "config.json")
         cfg = json.load(open(cfg_path))
         cfg["architectures"] = ["MPTForCausalLM"]
@@ -54,8 +87,8 @@ def write_gguf(ckpt: str, src: str, out: str, outtype: str = "f32") -> str:
         # q4_0 is not a converter type: convert to f16, then llama.cpp's own quantizer (its C API)
         convert_to = "f16" if outtype == "q4_0" else outtype
         first = out + ".f16" if outtype == "q4_0" else out
-        done = subprocess.run([sys.executable, converter(src), tmp, "--outfile", first, "--outtype", convert_to],
-                              capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-c", _CONVERT, converter(src), tmp, "--outfile", first,
+                               "--outtype", convert_to], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"llama.cpp's converter failed on {ckpt}:\n{done.stderr[-2000:]}")
     if outtype == "q4_0":
