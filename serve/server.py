@@ -56,9 +56,11 @@ class JAXServer:
     @classmethod
     def load_from_params(cls, params, model: FlaxMptForCausalLM, config_model, add_params_field: bool = False,
                          tokenizer=None, verbose: bool = False, do_memory_log: bool = False,
-                         config: JaxServerConfig | dict | None = None) -> JAXServer:
+                         config: JaxServerConfig | dict | None = None, consume_params: bool = False) -> JAXServer:
         """EasyDel's entry point. `add_params_field`: `params` is (True) or is not
-        (False) wrapped as {"params": tree}; both forms are accepted either way."""
+        (False) wrapped as {"params": tree}; both forms are accepted either way. `consume_params`:
+        the server may delete `params`' matrices as it packs them for the CPU kernels (one copy of
+        the weights in memory at any time; from_pretrained's own params)."""
         if tokenizer is None:
             raise ValueError("load_from_params needs a tokenizer")
         server = cls(config)
@@ -74,6 +76,7 @@ class JAXServer:
         quantize = params_format(params)
         if cfg.quantize is not None and quantize is None:  # float params, a quantized server: quantize them here
             params, quantize = quantize_params(params, config_model, cfg.quantize), cfg.quantize
+            consume_params = True  # the quantized copy is the server's own
         elif cfg.quantize not in (None, quantize):
             raise ValueError(f"the server config asks for {cfg.quantize} weights but the params are {quantize}")
         mesh = serving_mesh(cfg)
@@ -89,7 +92,8 @@ class JAXServer:
         server.model, server.tokenizer = model, tokenizer
         server.engine = GenerationEngine(model, params, max_length=cfg.max_length,
                                          max_compile_tokens=cfg.max_compile_tokens, prefill_chunk=cfg.prefill_chunk,
-                                         kv_dtype=None if cfg.kv_dtype == "auto" else cfg.kv_dtype)
+                                         kv_dtype=None if cfg.kv_dtype == "auto" else cfg.kv_dtype,
+                                         consume_params=consume_params)
         del params  # on CPU the engine holds a packed copy (easympt.kernels.cpu): keep only that one
         eos = {config_model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         eos = tuple(sorted(i for i in eos if i is not None))
@@ -137,7 +141,7 @@ class JAXServer:
         tokenizer = tokenizer or load_tokenizer(ckpt)
         if cfg.model_name == JaxServerConfig().model_name:
             cfg = cfg.model_copy(update={"model_name": source.rstrip("/").split("/")[-1]})
-        return cls.load_from_params(params, model, model_config, tokenizer=tokenizer, config=cfg)
+        return cls.load_from_params(params, model, model_config, tokenizer=tokenizer, config=cfg, consume_params=True)
 
     def compile(self) -> float:
         """Compile what serving runs before traffic: every prefill bucket and its insert (one request,

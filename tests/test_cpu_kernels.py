@@ -139,6 +139,25 @@ def test_pack_params_checks_the_tree():
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, model.params)
 
 
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_pack_params_consuming_its_input_deletes_each_matrix_and_packs_the_same(quantize):
+    """consume=True (what Generator.from_pretrained and the server do with params they loaded): every
+    packed source matrix (and its scale) is deleted once packed, so mpt-7b never needs two copies;
+    norms and biases stay; the packed tree equals a non-consuming pack's."""
+    from easympt.transform.quantized import quantize_params
+
+    model = FlaxMptForCausalLM(_config(), dtype=jnp.float32, seed=0)
+    params = model.params if quantize is None else quantize_params(model.params, model.config, quantize)
+    params = jax.tree_util.tree_map(jnp.asarray, params)  # on device, as mpt_from_pretrained gives them
+    copy = jax.tree_util.tree_map(jnp.copy, params)
+    want = linear.pack_params(copy)
+    got = linear.pack_params(params, consume=True)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        assert x.is_deleted() == (x.ndim == 2), name  # matrices and their scales go; norms and biases stay
+
+
 PROMPTS = [[5, 6, 7, 8, 9], [1, 2], [40, 41, 42, 43, 44, 45, 46]]
 
 

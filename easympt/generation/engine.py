@@ -79,9 +79,9 @@ def _shift_scores(lp: TokenLogprobs) -> TokenLogprobs:
     return jax.tree_util.tree_map(lambda x: jnp.concatenate([x[:, :1], x[:, :-1]], axis=1), lp)
 
 
-def _with_cpu_kernels(model: FlaxMptForCausalLM, params, wanted: bool | None):
+def _with_cpu_kernels(model: FlaxMptForCausalLM, params, wanted: bool | None, consume: bool = False):
     """(module, params) the engine runs: with the CPU kernels, a module that uses them and a packed copy
-    of the weights."""
+    of the weights (`consume`: made in place of `params`, whose matrices are deleted as they are packed)."""
     usable = (cpu.available() and model.mesh is None and jnp.dtype(model.dtype) == jnp.float32
               and jnp.dtype(model.param_dtype) in cpu.WEIGHT_DTYPES)
     if wanted and not usable:
@@ -91,7 +91,7 @@ def _with_cpu_kernels(model: FlaxMptForCausalLM, params, wanted: bool | None):
     if not (usable if wanted is None else wanted) or params is None:  # None: abstract use (memory checks)
         return model.module, params
     module = model.module.clone(cpu_kernels=True)
-    packed = linear.pack_params(params, model.param_dtype)  # the model's weight dtype: float32 or bfloat16
+    packed = linear.pack_params(params, model.param_dtype, consume)  # the model's weight dtype: float32 or bfloat16
     expected = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
     linear.check_packed(packed, expected)
     return module, packed
@@ -112,7 +112,9 @@ class GenerationEngine:
     ~1.2x at batch 1). None: wherever they can run (JAX on CPU, the kernels built for this CPU,
     float32 compute over float32 or bfloat16 weights, no mesh). The engine then holds the packed copy,
     in the model's weight dtype (`param_dtype`); drop other references to `params` to keep one copy
-    in memory.
+    in memory, or pass `consume_params=True` when nothing else will read them: each matrix is then
+    deleted as soon as it is packed, so packing never holds two copies of the weights (what
+    Generator.from_pretrained and the server do with the params they load).
 
     `kv_dtype`: the KV cache's dtype (default: the model's compute dtype). A bfloat16 cache under
     float32 compute halves the bytes a long-context decode step reads (the attention kernel widens
@@ -123,7 +125,7 @@ class GenerationEngine:
 
     def __init__(self, model: FlaxMptForCausalLM, params, max_length: int = 2048, max_compile_tokens: int = 64,
                  stop_slots: int = 8, prefill_chunk: int = 2048, cpu_kernels: bool | None = None,
-                 kv_dtype=None):
+                 kv_dtype=None, consume_params: bool = False):
         cfg = model.config
         if cfg.uses_learned_pos_emb and max_length > cfg.max_seq_len:
             raise ValueError(f"max_length {max_length} exceeds max_seq_len {cfg.max_seq_len} of a model with "
@@ -132,7 +134,7 @@ class GenerationEngine:
             raise ValueError("generation with prefix_lm models is not implemented")
         self.model, self.config = model, cfg
         self.kv_dtype = resolve_kv_dtype(kv_dtype) or model.dtype
-        self.module, self.params = _with_cpu_kernels(model, unwrap_params(params), cpu_kernels)
+        self.module, self.params = _with_cpu_kernels(model, unwrap_params(params), cpu_kernels, consume_params)
         # the instruction set the CPU kernels run with (easympt.kernels.cpu), None without them
         self.cpu_isa = cpu.active_isa() if self.module.cpu_kernels else None
         self.max_length = int(max_length)

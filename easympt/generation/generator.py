@@ -42,10 +42,11 @@ class Generator:
     """`generate` (a prompt or a batch) and `stream` (one prompt) over a GenerationEngine."""
 
     def __init__(self, model: FlaxMptForCausalLM, params, tokenizer, max_length: int = 2048,
-                 max_compile_tokens: int = 64, cpu_kernels: bool | None = None, kv_dtype=None):
+                 max_compile_tokens: int = 64, cpu_kernels: bool | None = None, kv_dtype=None,
+                 consume_params: bool = False):
         self.tokenizer = tokenizer
         self.engine = GenerationEngine(model, params, max_length=max_length, max_compile_tokens=max_compile_tokens,
-                                       cpu_kernels=cpu_kernels, kv_dtype=kv_dtype)
+                                       cpu_kernels=cpu_kernels, kv_dtype=kv_dtype, consume_params=consume_params)
         eos = {model.config.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         self.eos_ids = tuple(sorted(i for i in eos if i is not None))
 
@@ -66,7 +67,7 @@ class Generator:
                                    quantize=params_format(params))
         tokenizer = tokenizer or load_tokenizer(ckpt)
         return cls(model, params, tokenizer, max_length=max_length, max_compile_tokens=max_compile_tokens,
-                   cpu_kernels=cpu_kernels, kv_dtype=kv_dtype)
+                   cpu_kernels=cpu_kernels, kv_dtype=kv_dtype, consume_params=True)
 
     # ---------------------------------------------------------------- helpers
     def encode(self, prompt) -> list[int]:

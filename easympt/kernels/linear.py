@@ -206,12 +206,20 @@ def _quantized(node: dict) -> bool:
     return w is not None and "scale" in node and jnp.dtype(w.dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
 
 
-def pack_params(params: dict, weight_dtype=None) -> dict:
+def pack_params(params: dict, weight_dtype=None, consume: bool = False) -> dict:
     """A causal LM's parameters with every dense kernel [K, N] packed, and the token embedding [V, E]
     packed as the tied head reads it (its transpose): the tree a `cpu_kernels=True` module expects.
     `weight_dtype` (float32 or bfloat16): the packed float matrices' dtype (None: each keeps its own);
     8- and 4-bit matrices are packed with their scales (pack_quantized); norms and biases are left as
-    they are."""
+    they are. `consume`: delete each source matrix once its packed copy exists, so packing needs one
+    matrix more than the weights rather than a second copy of them (mpt-7b in int8: 6.7 GB, not
+    13.3); only for params nothing else will read (the caller loaded them for this engine)."""
+
+    def done(*sources):
+        if consume:
+            for x in sources:
+                if isinstance(x, jax.Array) and not x.is_deleted():
+                    x.delete()
 
     def walk(node, name):
         if not isinstance(node, dict):
@@ -219,15 +227,21 @@ def pack_params(params: dict, weight_dtype=None) -> dict:
         if _quantized(node):
             if "embedding" in node:
                 packed = pack_quantized({"q": node["embedding"].T, "scale": node["scale"].T})
-                return {**node, "embedding": packed["q"], "scale": packed["scale"]}
-            packed = pack_quantized({"q": node["kernel"], "scale": node["scale"]})
-            return {**node, "kernel": packed["q"], "scale": packed["scale"]}
+                out = {**node, "embedding": packed["q"], "scale": packed["scale"]}
+            else:
+                packed = pack_quantized({"q": node["kernel"], "scale": node["scale"]})
+                out = {**node, "kernel": packed["q"], "scale": packed["scale"]}
+            jax.block_until_ready(packed)
+            done(node.get("embedding", node.get("kernel")), node["scale"])
+            return out
         out = {}
         for key, x in node.items():
             if key == "kernel" and x.ndim == 2:
-                out[key] = _pack_jit(x.astype(weight_dtype or x.dtype))
+                out[key] = jax.block_until_ready(_pack_jit(x.astype(weight_dtype or x.dtype)))
+                done(x)
             elif key == "embedding" and name == "wte":
-                out[key] = _pack_jit(x.astype(weight_dtype or x.dtype).T)
+                out[key] = jax.block_until_ready(_pack_jit(x.astype(weight_dtype or x.dtype).T))
+                done(x)
             else:
                 out[key] = walk(x, key)
         return out
