@@ -65,10 +65,13 @@ class Peer:
     `peer(key, n_new)` -> (seconds, greedy tokens) for a generation peer, `peer.request()` -> the
     reply dict for any; `info` is its ready line ({"skipped": why} when it cannot run here)."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, script: str | None = None, flag: str | None = None):
+        """`python peers.py ARGS`, or `python SCRIPT FLAG ARGS[1:]` for a child another benchmark runs
+        itself (args[0] is then only the peer's name)."""
         self.name = args[0]
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "peers.py"), *args], stdin=subprocess.PIPE,
+        command = [os.path.join(HERE, "peers.py"), *args] if script is None else [script, flag, *args[1:]]
+        self.proc = subprocess.Popen([sys.executable, *command], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         self.info = self._answer()
 

@@ -224,3 +224,22 @@ def test_quantized_loading_on_8_simulated_devices(tmp_path, fmt, shape):
     assert report["kernel_shard"] == [rows // fsdp, 192 // tp]
     assert report["scale_shard"] == ([1, 192 // tp] if fmt == "int8" else [2 // fsdp, 192 // tp])
     assert report["max_abs_diff"] <= 1e-5 * max(1.0, report["logit_scale"])
+
+
+def test_quantized_loading_across_two_processes(tmp_path):
+    """Two JAX processes of 4 CPU devices (two hosts of a pod): each quantizes and holds only its
+    slices of the int4 weights and scales; their gathered logits equal one process's quantized model."""
+    from conftest import finish_processes, launch_processes, report_of
+
+    cfg = full_config(n_heads=8, d_model=128, vocab_size=128)
+    path = write_checkpoint(tmp_path / "m", cfg, random_state_dict(cfg, seed=2))
+    outs = finish_processes(launch_processes([sys.executable, os.path.join(HERE, "multidevice", "quantized_load.py"),
+                                              path, "int4", "1,2,4,1"]))
+    reports = [report_of(o) for o in outs]
+    assert [r["process"] for r in reports] == [0, 1] and all(r["processes"] == 2 for r in reports)
+    # Wqkv [128, 384] in int4: 64 byte rows and 4 groups of scales, over fsdp 2 and tp 4
+    assert all(r["kernel_shard"] == [32, 96] and r["scale_shard"] == [2, 96] for r in reports)
+    params, config = mpt_from_pretrained(path, quantize="int4", progress=False)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (4, 12))
+    want = np.asarray(FlaxMptForCausalLM(config, quantize="int4", _do_init=False)(ids, params=params).logits)
+    np.testing.assert_allclose(np.asarray(reports[0]["logits"]), want, atol=1e-5 * max(1.0, float(np.abs(want).max())))

@@ -65,12 +65,13 @@ def dequantize_params(params, dtype=jnp.float32):
 
 def quantize_tensor(name: str, w: np.ndarray, expected: dict) -> dict[str, np.ndarray]:
     """A float matrix `name` of a checkpoint as the quantized model holds it: {name: q, <module>/scale: s},
-    in the format `expected` (the quantized model's flat ShapeDtypeStructs) gives it. Computed on the
-    CPU device, one tensor at a time."""
+    in the format `expected` (the quantized model's flat ShapeDtypeStructs) gives it. Computed on this
+    process's first CPU device (in a multi-process run jax.devices("cpu")[0] may be another host's),
+    one tensor at a time."""
     q_want = expected[name]
     fmt = "int4" if q_want.dtype == jnp.uint8 else "int8"
     scale_name = name.rsplit("/", 1)[0] + "/scale"
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
         arrays = quant.quantize(jnp.asarray(w), fmt, axis=1 if name.endswith("embedding") else 0)
         out = {name: np.asarray(arrays["q"]), scale_name: np.asarray(arrays["scale"])}
     for key, want in ((name, q_want), (scale_name, expected[scale_name])):
