@@ -27,7 +27,6 @@ import os
 import sys
 import tempfile
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
@@ -189,6 +189,12 @@ def build_app(server) -> FastAPI:
 
         logging.getLogger("easympt.serve").exception("request to %s failed", request.url.path)
         return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}", "server_error"), 500)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def home(request: Request):
+        from easympt.serve.home import home_page
+
+        return HTMLResponse(home_page(server, str(request.base_url).rstrip("/")))
 
     @app.get("/health")
     async def health():

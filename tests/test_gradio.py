@@ -45,23 +45,61 @@ def test_share_without_internet_fails_softly(server, urls, caplog):
     assert httpx.get(got["chat"], timeout=30).status_code == 200
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
-                    reason="Debian chromium + chromium-driver not installed (.ci/run installs them)")
-def test_browser_chat(urls, tmp_path):
+needs_browser = pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                                   reason="Debian chromium + chromium-driver not installed (.ci/run installs them)")
+
+
+def _browser(tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import WebDriverWait
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium")
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):
+                 "--disable-dev-shm-usage", "--window-size=1100,1300", f"--user-data-dir={tmp_path / 'profile'}"):
         opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+
+
+def _keep_screenshot(driver, path, env: str) -> None:
+    """Saved with the test's files; copied where $`env` says (to look at it)."""
+    driver.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000  # a rendered page, not a blank one
+    if os.environ.get(env):
+        shutil.copy(path, os.environ[env])
+
+
+@needs_browser
+def test_browser_home_page_links_the_gradio_pages(server, urls, tmp_path):
+    """The page at / in headless Chromium: the model named, the Gradio pages linked (they are mounted
+    here), and following the chat link opens the chat page; a screenshot is kept with the test."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _browser(tmp_path)
+    try:
+        driver.get(server.url + "/")
+        assert driver.title == f"easympt · {server.config.model_name}"
+        assert driver.find_element(By.TAG_NAME, "h1").text == server.config.model_name
+        assert driver.find_element(By.ID, "curl").text.startswith(f"curl {server.url}/v1/chat/completions")
+        _keep_screenshot(driver, tmp_path / "home.png", "EASYMPT_KEEP_HOME_SCREENSHOT")
+        driver.find_element(By.LINK_TEXT, "Chat").click()
+        WebDriverWait(driver, 90).until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#chat-input textarea")))
+        assert driver.current_url == urls["chat"]
+    finally:
+        driver.quit()
+
+
+@needs_browser
+def test_browser_chat(urls, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _browser(tmp_path)
     try:
         driver.get(urls["chat"])
         wait = WebDriverWait(driver, 90)
@@ -75,8 +113,6 @@ def test_browser_chat(urls, tmp_path):
         wait.until(bot_replied)
         page = driver.find_element(By.CSS_SELECTOR, "#chatbot").text
         assert "hello from a browser" in page
-        driver.save_screenshot(str(tmp_path / "chat.png"))
-        if os.environ.get("EASYMPT_KEEP_SCREENSHOT"):
-            shutil.copy(tmp_path / "chat.png", os.environ["EASYMPT_KEEP_SCREENSHOT"])
+        _keep_screenshot(driver, tmp_path / "chat.png", "EASYMPT_KEEP_SCREENSHOT")
     finally:
         driver.quit()

@@ -19,7 +19,7 @@ from conftest import assert_logits_close, full_config, hf_logits, make_hf_checkp
 from easympt import FlaxMptForCausalLM
 from easympt.generation import GenerationEngine, SamplingConfig
 from easympt.kernels import cpu, linear, quant
-from easympt.sharding import MeshFitError, create_mesh, shardings_for
+from easympt.sharding import MeshFitError, shardings_for
 from easympt.transform import mpt_from_pretrained, mpt_to_pretrained
 from easympt.transform.hf_to_flax import CheckpointError
 from easympt.transform.quantized import dequantize_params, quantize_params, save_quantized

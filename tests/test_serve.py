@@ -348,3 +348,26 @@ def test_after_precompile_requests_compile_nothing(lm_checkpoint):
         jax.monitoring.unregister_event_duration_listener(listener)
         srv.shutdown()
     assert compiled == []
+
+
+def test_the_page_at_root_names_the_model_and_its_examples_work_as_printed(client, server):
+    """GET / is an HTML page (not a JSON 404): the model, its format and context, links to the docs,
+    metrics and status, and a curl example whose request, sent as printed, is answered."""
+    import html
+    import re
+
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert f"<h1>{server.config.model_name}</h1>" in page
+    assert f"{server.config.max_length} tokens per request" in page and "KV cache" in page
+    for href in ("/docs", "/metrics", "/status"):
+        assert f'href="{href}"' in page
+    curl = html.unescape(re.search(r'<pre id="curl">(.*?)</pre>', page, re.S).group(1))
+    assert curl.startswith(f"curl {server.url}/v1/chat/completions")
+    body = json.loads(re.search(r"-d '(.*)'", curl).group(1))
+    answer = client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] is not None
+    openai = html.unescape(re.search(r'<pre id="openai">(.*?)</pre>', page, re.S).group(1))
+    assert f'OpenAI(base_url="{server.url}/v1"' in openai
+    compile(openai, "example.py", "exec")  # valid Python as printed

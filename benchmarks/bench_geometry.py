@@ -1,19 +1,22 @@
-"""mpt-7b on this machine: random bfloat16 weights in mpt-7b's geometry, loaded with --quantize int8 /
-int4, against llama.cpp's Q8_0 / Q4_0 GGUFs of the same weights.
+"""A real-size MPT on this machine (mpt-7b by default, or mpt-1b): random bfloat16 weights in its
+geometry, loaded as bf16 / --quantize int8 / int4, against llama.cpp's f16 / Q8_0 / Q4_0 GGUFs of the
+same weights.
 
-The checkpoint is written as the hub ships mpt-7b (bfloat16 safetensors in two shards, MosaicML's
+The checkpoint is written as the hub ships mpt-7b (bfloat16 safetensors in shards, MosaicML's
 config, gpt-neox-20b's tokenizer from tests/fixtures), shard by shard, once per --workdir. Per format:
-- easympt in a fresh process: `mpt_from_pretrained(..., quantize=FMT)` (quantized while streaming),
+- easympt in a fresh process: `mpt_from_pretrained(..., quantize=FMT)` (quantized while streaming; bf16:
+  16-bit weights under float32 compute),
   its peak RSS (VmHWM) after loading and after packing the weights for the CPU kernels, next to the
   quantized bytes; then batch-1 greedy decode after a 32-token prompt;
 - llama.cpp (llama-cpp-python, --llama-cpp-src for its converter) on the GGUF of the same weights in
   the matching type, its own process; both processes stay up and are timed in turns (timing.in_turns):
   decode tok/s = (NEW - 1) / (t(NEW new) - t(1 new)), medians of --rounds after one warm-up.
-Then `easympt serve CKPT --quantize int4` must answer /v1/completions (its peak RSS reported).
-Prints a table and one JSON line.
+Then `easympt serve CKPT --quantize FMT` (the last format) must answer /v1/completions (its peak RSS
+reported). Prints a table and one JSON line.
 
-    python benchmarks/bench_7b.py [--workdir /tmp/mpt-7b-bench] [--formats int8,int4] [--llama-cpp-src DIR]
-                                  [--new 32] [--rounds 2] [--skip-serve]
+    python benchmarks/bench_geometry.py [--geometry mpt-7b] [--workdir /tmp/easympt-geometry-bench]
+                                        [--formats int8,int4] [--llama-cpp-src DIR] [--new 32] [--rounds 2]
+                                        [--skip-serve]
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from timing import in_turns, machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER = os.path.join(os.path.dirname(HERE), "tests", "fixtures", "hub", "mosaicml", "mpt-7b-instruct")
-PEER_TYPE = {"int8": "q8_0", "int4": "q4_0"}
+PEER_TYPE = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0"}
 PROMPT = 32
 
 
@@ -46,15 +49,15 @@ def status(field: str, pid: str = "self") -> int:
     raise KeyError(field)
 
 
-def write_checkpoint(path: str) -> str:
-    """mpt-7b's geometry in random bfloat16, two safetensors shards, and a tokenizer (kept between runs)."""
+def write_checkpoint(path: str, geometry: str) -> str:
+    """A preset's geometry in random bfloat16, safetensors shards, and a tokenizer (kept between runs)."""
     if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
         return path
     from convert_memory import write_random_checkpoint
 
     tmp = path + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_random_checkpoint(tmp, {"preset": "mpt-7b"}, "safetensors", "bfloat16", 2)
+    write_random_checkpoint(tmp, {"preset": geometry}, "safetensors", "bfloat16", 2)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(os.path.join(TOKENIZER, f), tmp)
     os.replace(tmp, path)  # complete or absent
@@ -78,11 +81,13 @@ def easympt_child(ckpt: str, fmt: str, prompts_path: str) -> None:
 
     def start():
         t0 = time.perf_counter()
-        params, config = mpt_from_pretrained(ckpt, dtype="bf16", quantize=fmt, progress=False)
+        quantize = None if fmt == "bf16" else fmt
+        params, config = mpt_from_pretrained(ckpt, dtype="bf16", quantize=quantize, progress=False)
         jax.block_until_ready(params)
         load_s, load_peak = time.perf_counter() - t0, status("VmHWM")
         weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-        model = FlaxMptForCausalLM(config, dtype=jnp.float32, param_dtype=jnp.bfloat16, quantize=fmt, _do_init=False)
+        model = FlaxMptForCausalLM(config, dtype=jnp.float32, param_dtype=jnp.bfloat16, quantize=quantize,
+                                   _do_init=False)
         engine = GenerationEngine(model, params, max_length=256, max_compile_tokens=32, consume_params=True)
         del params
         run_easympt(engine, np.asarray(prompts["b1"]), 4)  # compile
@@ -108,7 +113,8 @@ def serve_check(ckpt: str, fmt: str, port: int = 8719) -> dict:
     import httpx
 
     exe = os.path.join(os.path.dirname(sys.executable), "easympt")
-    proc = subprocess.Popen([exe, "serve", ckpt, "--quantize", fmt, "--port", str(port), "--max-length", "256",
+    weights = ["--dtype", "bf16"] if fmt == "bf16" else ["--quantize", fmt]
+    proc = subprocess.Popen([exe, "serve", ckpt, *weights, "--port", str(port), "--max-length", "256",
                              "--batch-size", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
@@ -138,7 +144,8 @@ def serve_check(ckpt: str, fmt: str, port: int = 8719) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", default="/tmp/mpt-7b-bench")
+    ap.add_argument("--geometry", default="mpt-7b", help="an easympt preset (mpt-7b, mpt-1b, ...)")
+    ap.add_argument("--workdir", default="/tmp/easympt-geometry-bench")
     ap.add_argument("--formats", default="int8,int4")
     ap.add_argument("--llama-cpp-src", default=None)
     ap.add_argument("--new", type=int, default=32, help="new tokens per timed run")
@@ -151,11 +158,11 @@ def main(argv=None) -> int:
         return 0
     os.makedirs(args.workdir, exist_ok=True)
     t0 = time.perf_counter()
-    ckpt = write_checkpoint(os.path.join(args.workdir, "mpt-7b-random"))
+    ckpt = write_checkpoint(os.path.join(args.workdir, f"{args.geometry}-random"), args.geometry)
     print(f"checkpoint {ckpt} ({time.perf_counter() - t0:.0f} s)", flush=True)
     prompts = write_prompts(os.path.join(args.workdir, "prompts.json"),
                             {"b1": np.random.default_rng(0).integers(0, 50000, (1, PROMPT)), "long": [[1]]})
-    result = {"bench": "mpt_7b", **machine(), "new_tokens": args.new, "formats": {}}
+    result = {"bench": "geometry", "geometry": args.geometry, **machine(), "new_tokens": args.new, "formats": {}}
     for fmt in args.formats.split(","):
         with Peer("easympt", ckpt, fmt, prompts, script=__file__, flag="--child") as ours:
             info = dict(ours.info)
@@ -193,7 +200,7 @@ def main(argv=None) -> int:
         fmt = args.formats.split(",")[-1]
         result["serve"] = serve_check(ckpt, fmt)
         s = result["serve"]
-        print(f"easympt serve --quantize {fmt}: " + (f"answered {s['text']!r} after {s['ready_s']:.0f} s to start; "
+        print(f"easympt serve ({fmt} weights): " + (f"answered {s['text']!r} after {s['ready_s']:.0f} s to start; "
               f"peak RSS {s['peak_rss'] / 1e9:.2f} GB" if s["ok"] else f"FAILED: {s}"), flush=True)
     print(json.dumps(result))
     return 0
