@@ -41,7 +41,7 @@ def examples(base_url: str, model: str, api_key: bool) -> dict[str, str]:
     curl = (f"curl {base_url}/v1/chat/completions{key_header} \\\n  -H 'Content-Type: application/json' \\\n"
             f"  -d '{body}'")
     key = 'os.environ["EASYMPT_API_KEY"]' if api_key else '"none"'
-    openai = (f"import os\nfrom openai import OpenAI\n\nclient = OpenAI(base_url=\"{base_url}/v1\", api_key={key})\n"
+    openai = (("import os\n" if api_key else "") + f"from openai import OpenAI\n\nclient = OpenAI(base_url=\"{base_url}/v1\", api_key={key})\n"
               f"reply = client.chat.completions.create(model={model!r}, max_tokens=64,\n"
               f"    messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}])\nprint(reply.choices[0].message.content)")
     return {"curl": curl, "openai": openai}

@@ -171,10 +171,18 @@ def test_export_refuses_quantized_weights_or_dequantizes(checkpoint, tmp_path):
     assert_logits_close(hf_logits(out, ids), model(ids, params=params).logits, rtol_scale=1e-5)
 
 
-def test_quantize_params_equals_quantizing_while_loading(checkpoint):
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantize_params_equals_quantizing_while_loading_in_slices(checkpoint, fmt, monkeypatch):
+    """Loading quantizes each matrix in slices along the axis its scales do not span (a kernel's columns,
+    an embedding's rows) to bound the transient memory: slices of 100 values give what quantizing
+    whole float params gives."""
+    from easympt.transform import quantized
+
     floats, config = mpt_from_pretrained(checkpoint, progress=False)
-    loaded, _ = mpt_from_pretrained(checkpoint, quantize="int4", progress=False)
-    for a, b in zip(jax.tree_util.tree_leaves(quantize_params(floats, config, "int4")),
+    monkeypatch.setattr(quantized, "CHUNK_FLOATS", 100)  # a few columns or rows per slice
+    loaded, _ = mpt_from_pretrained(checkpoint, quantize=fmt, progress=False)
+    monkeypatch.undo()
+    for a, b in zip(jax.tree_util.tree_leaves(quantize_params(floats, config, fmt)),
                     jax.tree_util.tree_leaves(loaded)):
         assert a.dtype == b.dtype and bool((a == b).all())
 

@@ -10,6 +10,7 @@ is what a multi-host pod needs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -417,8 +418,10 @@ def mpt_from_pretrained(source: str, device=None, dtype=None, mesh=None, partiti
             flat[name] = place(name, quantized.as_stored(plan[name], expected[name]))
             continue
         t, transpose = plan[name]
-        if quantized.is_quantized_leaf(expected[name]):  # a matrix to quantize: read in float32, one at a time
-            for key, arr in quantized.quantize_tensor(name, read_converted(t, transpose, np.float32), expected).items():
+        if quantized.is_quantized_leaf(expected[name]):  # a matrix to quantize: read in float32 slices
+            shape = t.shape[::-1] if transpose else t.shape
+            read = functools.partial(read_converted, t, transpose, np.float32)
+            for key, arr in quantized.quantize_tensor(name, read, shape, expected).items():
                 flat[key] = place(key, arr)
         else:
             flat[name] = place(name, t, transpose)

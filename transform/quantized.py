@@ -63,20 +63,36 @@ def dequantize_params(params, dtype=jnp.float32):
     return walk(params)
 
 
-def quantize_tensor(name: str, w: np.ndarray, expected: dict) -> dict[str, np.ndarray]:
+CHUNK_FLOATS = 1 << 24  # float32 values quantized at once (64 MB): the transient memory of quantizing
+
+
+def quantize_tensor(name: str, read, shape: tuple, expected: dict) -> dict[str, np.ndarray]:
     """A float matrix `name` of a checkpoint as the quantized model holds it: {name: q, <module>/scale: s},
-    in the format `expected` (the quantized model's flat ShapeDtypeStructs) gives it. Computed on this
-    process's first CPU device (in a multi-process run jax.devices("cpu")[0] may be another host's),
-    one tensor at a time."""
+    in the format `expected` (the quantized model's flat ShapeDtypeStructs) gives it. `read(index)` gives
+    the float32 values of `shape`[index]; the matrix is read and quantized in slices along the axis its
+    scales do not span (a kernel's columns, an embedding's rows), so the transient memory is one slice
+    of CHUNK_FLOATS values, not a float32 copy of the matrix (mpt-7b's embedding: 826 MB). Computed on
+    this process's first CPU device (in a multi-process run jax.devices("cpu")[0] may be another
+    host's)."""
     q_want = expected[name]
-    fmt = "int4" if q_want.dtype == jnp.uint8 else "int8"
     scale_name = name.rsplit("/", 1)[0] + "/scale"
+    s_want = expected[scale_name]
+    fmt = "int4" if q_want.dtype == jnp.uint8 else "int8"
+    embedding = name.endswith("embedding")  # [V, E], a scale per row; kernels [K, N], scales per column
+    rows, cols = shape
+    if fmt == "int4":
+        quant.check_int4_shape(shape, name)
+    q = np.empty(q_want.shape, q_want.dtype)
+    scale = np.empty(s_want.shape, s_want.dtype)
+    along = rows if embedding else cols
+    step = max(1, CHUNK_FLOATS // (cols if embedding else rows))
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        arrays = quant.quantize(jnp.asarray(w), fmt, axis=1 if name.endswith("embedding") else 0)
-        out = {name: np.asarray(arrays["q"]), scale_name: np.asarray(arrays["scale"])}
-    for key, want in ((name, q_want), (scale_name, expected[scale_name])):
-        assert out[key].shape == want.shape and out[key].dtype == want.dtype, (key, out[key].shape, want)
-    return out
+        for a in range(0, along, step):
+            part = slice(a, min(a + step, along))
+            index = (part,) if embedding else (slice(None), part)
+            arrays = quant.quantize(jnp.asarray(read(index)), fmt, axis=1 if embedding else 0)
+            q[index], scale[index] = np.asarray(arrays["q"]), np.asarray(arrays["scale"])
+    return {name: q, scale_name: scale}
 
 
 def quantize_params(params, config: MptConfig, quantize: str) -> dict:
@@ -92,7 +108,7 @@ def quantize_params(params, config: MptConfig, quantize: str) -> dict:
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = path_str(path)
         if name in expected and is_quantized_leaf(expected[name]):
-            out.update(quantize_tensor(name, np.asarray(jnp.asarray(x, jnp.float32)), expected))
+            out.update(quantize_tensor(name, lambda index, x=x: np.asarray(x[index], np.float32), x.shape, expected))
         else:
             out[name] = x
     return _nest(out)
