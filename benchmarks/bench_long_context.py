@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reference", type=int, default=None, metavar="N",
                     help="only check greedy tokens after an N-token prompt against the numpy reference")
     ap.add_argument("--kv-compare", default=None, metavar="N,N",
-                    help="only time decode after N-token prompts with a float32, a bfloat16 and an int8 cache, in turns")
+                    help="only time decode after N-token prompts with a float32, a bfloat16 and an int8 cache, "
+                         "in turns")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.kv_compare:

@@ -137,7 +137,8 @@ def agreement(ref_logits, logits, ref_tokens, tokens) -> dict:
     return {"logits_max_abs_diff": float(diff.max()), "logits_mean_abs_diff": float(diff.mean()),
             "logits_scale": float(np.abs(ref_logits).max()),
             "top1_agreement": float(np.mean(logits.argmax(-1) == ref_logits.argmax(-1))),
-            "greedy_equal": int(same.sum()), "greedy_first_difference": int(np.argmin(same)) if not same.all() else None}
+            "greedy_equal": int(same.sum()),
+            "greedy_first_difference": None if same.all() else int(np.argmin(same))}
 
 
 def greedy(model, params, prompt: list[int], kv_dtype=None) -> list[int]:
@@ -192,9 +193,10 @@ def random_model_agreement(formats, src: str | None, tmp: str) -> dict:
             print(f"mpt-125m, {name}: skipped ({r['skipped']})")
             continue
         first = r["greedy_first_difference"]
-        print(f"mpt-125m, {name:30}: logits max |d| {r['logits_max_abs_diff']:.4f} (mean {r['logits_mean_abs_diff']:.5f}, "
-              f"scale {r['logits_scale']:.2f}), top-1 {r['top1_agreement']:.1%}, greedy {r['greedy_equal']}/{NEW} equal to "
-              f"easympt float32's{'' if first is None else f' (first difference at token {first})'}", flush=True)
+        print(f"mpt-125m, {name:30}: logits max |d| {r['logits_max_abs_diff']:.4f} "
+              f"(mean {r['logits_mean_abs_diff']:.5f}, scale {r['logits_scale']:.2f}), top-1 {r['top1_agreement']:.1%}, "
+              f"greedy {r['greedy_equal']}/{NEW} equal to easympt float32's"
+              f"{'' if first is None else f' (first difference at token {first})'}", flush=True)
     return rows
 
 

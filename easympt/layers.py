@@ -144,8 +144,9 @@ class MptAttention(MptModule):
     def __call__(self, x, mask: AttentionMask, layer_cache=None, write_index=None, deterministic=True):
         """x [B, T, E]; mask: which key slots each query sees, and their positions (for ALiBi).
 
-        layer_cache: (keys [B*K, D, S], values [B*K, S, D]) buffers (easympt.cache; arrays or Int8Slots) to write the new
-        keys into at `write_index` [B]; returns (out [B, T, E], new layer_cache).
+        layer_cache: (keys [B*K, D, S], values [B*K, S, D]) buffers (easympt.cache: arrays, or Int8Slots
+        for an 8-bit cache) to write the new keys into at `write_index` [B]; returns (out [B, T, E],
+        new layer_cache).
         """
         c = self.config
         B, T, _ = x.shape

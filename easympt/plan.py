@@ -78,7 +78,8 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         return {"dtype": self.dtype, "n_params": self.n_params, "param_bytes": self.param_bytes,
-                "kv_dtype": self.kv_dtype, "kv_bytes_per_token": self.kv_bytes_per_token, "kv_bytes_per_request": self.kv_bytes_per_request,
+                "kv_dtype": self.kv_dtype, "kv_bytes_per_token": self.kv_bytes_per_token,
+                "kv_bytes_per_request": self.kv_bytes_per_request,
                 "kv_cache_bytes": self.kv_cache_bytes, "max_length": self.max_length,
                 "batch_size": self.batch_size, "mesh": self.mesh, "n_devices": self.n_devices,
                 "device_param_bytes": self.device_param_bytes, "device_kv_bytes": self.device_kv_bytes,

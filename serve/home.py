@@ -41,9 +41,12 @@ def examples(base_url: str, model: str, api_key: bool) -> dict[str, str]:
     curl = (f"curl {base_url}/v1/chat/completions{key_header} \\\n  -H 'Content-Type: application/json' \\\n"
             f"  -d '{body}'")
     key = 'os.environ["EASYMPT_API_KEY"]' if api_key else '"none"'
-    openai = (("import os\n" if api_key else "") + f"from openai import OpenAI\n\nclient = OpenAI(base_url=\"{base_url}/v1\", api_key={key})\n"
-              f"reply = client.chat.completions.create(model={model!r}, max_tokens=64,\n"
-              f"    messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}])\nprint(reply.choices[0].message.content)")
+    openai = ("import os\n" if api_key else "") + "\n".join([
+        "from openai import OpenAI", "",
+        f'client = OpenAI(base_url="{base_url}/v1", api_key={key})',
+        f"reply = client.chat.completions.create(model={model!r}, max_tokens=64,",
+        '    messages=[{"role": "user", "content": "Hello!"}])',
+        "print(reply.choices[0].message.content)"])
     return {"curl": curl, "openai": openai}
 
 
