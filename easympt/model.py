@@ -234,6 +234,11 @@ class FlaxMptPreTrainedModel:
         self.params = self.init_weights(jax.random.PRNGKey(seed), self.input_shape) if _do_init else None
 
     @property
+    def weights_format(self) -> str:
+        """The matrices' format: "int8" / "int4" (weight-only, easympt.kernels.quant) or the float dtype's name."""
+        return self.quantize or jnp.dtype(self.param_dtype).name
+
+    @property
     def mesh(self):
         return self.module.mesh
 

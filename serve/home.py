@@ -54,10 +54,9 @@ def home_page(server, base_url: str) -> str:
     """The HTML of `/` for `server`, its links and examples addressed to `base_url` (what the browser used)."""
     cfg, model, engine = server.config, server.model, server.engine
     c = model.config
-    weights = model.quantize or jnp.dtype(model.param_dtype).name
     kernels = f"easympt's CPU kernels ({engine.cpu_isa})" if engine.cpu_isa else "XLA"
     facts = [
-        ("weights", f"{weights} ({c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, vocabulary {c.vocab_size})"),
+        ("weights", f"{model.weights_format} ({c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, vocabulary {c.vocab_size})"),
         ("compute", f"{jnp.dtype(model.dtype).name} on {jax.default_backend()}, weight products by {kernels}"),
         ("KV cache", jnp.dtype(engine.kv_dtype).name),
         ("context", f"{cfg.max_length} tokens per request (prompt + reply; trained at {c.max_seq_len}), "

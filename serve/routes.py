@@ -218,8 +218,7 @@ def build_app(server) -> FastAPI:
             "max_new_tokens": cfg.max_new_tokens, "max_compile_tokens": cfg.max_compile_tokens,
             "prompt_buckets": list(server.engine.buckets), "dtype": str(server.model.dtype.__name__),
             "weights_dtype": jnp.dtype(server.model.param_dtype).name,
-            # the matrices' format: int8 / int4 (weight-only, easympt.kernels.quant), or the float dtype
-            "weights_format": server.model.quantize or jnp.dtype(server.model.param_dtype).name,
+            "weights_format": server.model.weights_format,
             "kv_dtype": jnp.dtype(server.engine.kv_dtype).name, "backend": jax.default_backend(),
             "cpu_kernels": server.engine.cpu_isa,  # the instruction set easympt's CPU kernels run, null: XLA
             "model_config": {"d_model": m.d_model, "n_heads": m.n_heads, "n_layers": m.n_layers,

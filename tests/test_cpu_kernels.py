@@ -252,6 +252,14 @@ def test_a_bfloat16_request_on_cpu_means_bfloat16_weights_under_float32_compute(
     assert a == b and len(a) == 8  # the kernels on bfloat16 panels and XLA over the same weights agree
 
 
+def _step_logits(model, kv_dtype) -> np.ndarray:
+    """One decode step's logits after PROMPTS[0], through a cache of `kv_dtype` (XLA's path)."""
+    cache = KVCache.zeros(model.config, 1, 16, kv_dtype)
+    _, cache = model.module.apply({"params": model.params}, jnp.asarray([PROMPTS[0]]), None, cache)
+    logits, _ = model.module.apply({"params": model.params}, jnp.asarray([[3]]), None, cache)
+    return np.asarray(logits)
+
+
 @needs_kernel
 def test_a_bfloat16_cache_is_stored_as_bits_on_cpu_and_read_alike_by_the_kernel_and_xla():
     """kv_dtype="bfloat16" under float32 compute: the cache holds uint16 bits (updated in place, see
@@ -267,13 +275,7 @@ def test_a_bfloat16_cache_is_stored_as_bits_on_cpu_and_read_alike_by_the_kernel_
     assert cache.keys[0].dtype == jnp.uint16 and cache.values[0].dtype == jnp.uint16
     np.testing.assert_array_equal(fast_tokens, plain_tokens)
 
-    def step_logits(kv_dtype):
-        cache = KVCache.zeros(config, 1, 16, kv_dtype)
-        _, cache = model.module.apply({"params": model.params}, jnp.asarray([PROMPTS[0]]), None, cache)
-        logits, _ = model.module.apply({"params": model.params}, jnp.asarray([[3]]), None, cache)
-        return np.asarray(logits)
-
-    np.testing.assert_allclose(step_logits(jnp.bfloat16), step_logits(jnp.float32), atol=2e-2)
+    np.testing.assert_allclose(_step_logits(model, jnp.bfloat16), _step_logits(model, jnp.float32), atol=2e-2)
     with pytest.raises(ValueError, match="kv_dtype"):
         GenerationEngine(model, model.params, max_length=64, kv_dtype="int3")
 
@@ -295,13 +297,7 @@ def test_an_int8_cache_is_read_alike_by_the_kernel_and_xla_within_a_measured_bou
     assert cache.keys[0].scale.shape == (3 * config.kv_heads, 1, 64)  # a scale per slot and KV head
     np.testing.assert_array_equal(fast_tokens, plain_tokens)
 
-    def step_logits(kv_dtype):
-        cache = KVCache.zeros(config, 1, 16, kv_dtype)
-        _, cache = model.module.apply({"params": model.params}, jnp.asarray([PROMPTS[0]]), None, cache)
-        logits, _ = model.module.apply({"params": model.params}, jnp.asarray([[3]]), None, cache)
-        return np.asarray(logits)
-
-    np.testing.assert_allclose(step_logits(jnp.int8), step_logits(jnp.float32), atol=5e-2)
+    np.testing.assert_allclose(_step_logits(model, jnp.int8), _step_logits(model, jnp.float32), atol=5e-2)
     with pytest.raises(ValueError, match="kv_dtype 'int4' is not one of float32, bfloat16, float16, int8"):
         GenerationEngine(model, model.params, max_length=64, kv_dtype="int4")
 

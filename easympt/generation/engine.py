@@ -161,9 +161,8 @@ class GenerationEngine:
     def describe(self) -> str:
         """What runs here, in one line: backend, weights, KV cache and the weight products' kernels."""
         kernels = f"easympt's CPU kernels ({self.cpu_isa})" if self.cpu_isa else "XLA"
-        weights = self.model.quantize or jnp.dtype(self.model.param_dtype).name
         return (f"{jax.default_backend()}: {jnp.dtype(self.model.dtype).name} compute, "
-                f"{weights} weights, {jnp.dtype(self.kv_dtype).name} KV cache, "
+                f"{self.model.weights_format} weights, {jnp.dtype(self.kv_dtype).name} KV cache, "
                 f"weight products by {kernels}")
 
     def _forward(self, params, tokens, mask, cache, logits_slice=None, cache_window=None):
