@@ -89,6 +89,14 @@ def cmd_convert(args) -> int:
     else:
         src = resolve_checkpoint_dir(args.src)
         params, config = mpt_from_pretrained(src, dtype=args.dtype or "fp32", mesh=mesh, quantize=args.quantize)
+    if args.merge_lora:
+        if params_format(params):
+            raise ValueError("--merge-lora merges an adapter into float weights: give a float source, without "
+                             "--quantize")
+        from easympt.adapters import load_adapter, lora
+
+        adapter, spec = load_adapter(args.merge_lora, config)
+        params = lora.merged_kernels(lora.merge(params, adapter), spec)
     if params_format(params) and to == "easympt":  # 8 or 4 bits: the quantized checkpoint, which loads as is
         out = save_quantized(params, config, args.dst, tokenizer=_tokenizer_or_none(src))
     elif to == "easympt":
@@ -386,6 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + flag, dest=flag.replace("-", "_"), type=typ, default=None)
     p.add_argument("--remat", action="store_true", default=None,
                    help="recompute activations in the backward pass (less memory for long sequences)")
+    g = p.add_argument_group("LoRA / QLoRA: train adapters only (written to OUTPUT_DIR/adapter in PEFT's format)")
+    g.add_argument("--lora-rank", dest="lora_rank", type=int, default=None, help="adapter rank r (0: full fine-tuning)")
+    g.add_argument("--lora-alpha", dest="lora_alpha", type=float, default=None, help="scale alpha / r (default 2 x r)")
+    g.add_argument("--lora-targets", dest="lora_targets", default=None,
+                   help="comma-separated layers: Wqkv,out_proj,up_proj,down_proj (gate_proj on GLU models); "
+                        "default Wqkv, PEFT's default for MPT")
+    g.add_argument("--lora-dropout", dest="lora_dropout", type=float, default=None)
+    _add_quantize(g, "QLoRA: the frozen base in 8 or 4 bits (needs --lora-rank)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("convert", help="Hugging Face MPT checkpoint <-> easympt (orbax) checkpoint, or HF -> HF "
@@ -402,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dequantize", action="store_true",
                    help="to HF from a quantized source: write the float weights it stands for (HF's MptForCausalLM "
                         "has no 8- or 4-bit weights)")
+    p.add_argument("--merge-lora", dest="merge_lora", default=None, metavar="DIR",
+                   help="fold this LoRA adapter (PEFT's format) into the weights: W + A B alpha / r, as PEFT's "
+                        "merge_and_unload")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("eval", help="perplexity and bits per byte of a text file, locally or through a server")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from easympt.adapters.lora import LoraSpec, wrap as with_adapter
 from easympt.cache import readable, slots, write_layer
 from easympt.config import MptConfig
 from easympt.kernels import cpu
@@ -117,7 +118,8 @@ class MptModule(nn.Module):
     the mesh its activations are constrained to (None: no constraints). `cpu_kernels`: easympt's CPU
     kernels for inference (easympt.kernels.cpu): weights in packed panels, decode attention over the
     slots rows hold; float32, set by the GenerationEngine. `quantize`: the dense layers' weight format
-    (None: float in param_dtype; "int8", "int4": easympt.kernels.quant)."""
+    (None: float in param_dtype; "int8", "int4": easympt.kernels.quant). `lora`: LoRA adapters on the
+    dense layers it targets (easympt.adapters.lora), None: none."""
 
     config: MptConfig
     dtype: jnp.dtype = jnp.float32
@@ -127,14 +129,23 @@ class MptModule(nn.Module):
     attention: str = "auto"  # "auto" (by shape), "dense", "blockwise", "pallas" (easympt.kernels.attention)
     cpu_kernels: bool = False
     quantize: str | None = None
+    lora: LoraSpec | None = None
 
     def dense(self, features: int, kernel_init, use_bias: bool, name: str | None = None,
-              quantize: str | None = "model") -> nn.Module:
-        """The model's dense layer for its weight layout and format (easympt.kernels.linear); `quantize`
-        overrides the model's format for one layer (a head)."""
-        return dense_layer(features, kernel_init=kernel_init, use_bias=use_bias, packed=self.cpu_kernels,
-                           dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                           quantize=self.quantize if quantize == "model" else quantize, name=name)
+              quantize: str | None = "model", deterministic: bool = True) -> nn.Module:
+        """The model's dense layer for its weight layout and format (easympt.kernels.linear), with a LoRA
+        adapter where the model's `lora` targets `name`; `quantize` overrides the model's format for one
+        layer (a head)."""
+        layer = dense_layer(features, kernel_init=kernel_init, use_bias=use_bias, packed=self.cpu_kernels,
+                            dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                            quantize=self.quantize if quantize == "model" else quantize, name=name)
+        return with_adapter(layer, self.lora, name, deterministic)
+
+    def submodule_fields(self) -> dict:
+        """The fields a block or layer inherits from the module that makes it."""
+        return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                    mesh=self.mesh, attention=self.attention, cpu_kernels=self.cpu_kernels,
+                    quantize=self.quantize, lora=self.lora)
 
 
 # ------------------------------------------------------------------- attention
@@ -152,7 +163,8 @@ class MptAttention(MptModule):
         B, T, _ = x.shape
         H, K, D = c.n_heads, c.kv_heads, c.head_dim
         kernel_init, residual_init, _ = initializers(c)
-        dense = lambda n, name, init: self.dense(n, init, not c.no_bias, name)  # noqa: E731
+        dense = lambda n, name, init: self.dense(n, init, not c.no_bias, name,  # noqa: E731
+                                                 deterministic=deterministic)
 
         qkv = dense((H + 2 * K) * D, "Wqkv", kernel_init)(x)
         if c.attn_config.clip_qkv is not None:
@@ -221,10 +233,11 @@ class MptFFN(MptModule):
     """mptmlp: down(act(up(x))); mptglu: down(act(gate(x)) * up(x))."""
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, deterministic=True):
         c = self.config
         kernel_init, residual_init, _ = initializers(c)
-        dense = lambda n, name, init: self.dense(n, init, c.ffn_uses_bias, name)  # noqa: E731
+        dense = lambda n, name, init: self.dense(n, init, c.ffn_uses_bias, name,  # noqa: E731
+                                                 deterministic=deterministic)
         act = activation(c)
         h = dense(c.ffn_hidden_size, "up_proj", kernel_init)(x)
         if c.ffn_config.ffn_type == "mptglu":

@@ -28,13 +28,12 @@ class MptBlock(MptModule):
     @nn.compact
     def __call__(self, x, mask: AttentionMask, layer_cache=None, write_index=None, deterministic=True):
         c = self.config
-        sub = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                   mesh=self.mesh, attention=self.attention, cpu_kernels=self.cpu_kernels, quantize=self.quantize)
+        sub = self.submodule_fields()
         h, layer_cache = MptAttention(**sub, name="attn")(
             make_norm(c, "norm_1", self.dtype, self.param_dtype)(x), mask, layer_cache, write_index,
             deterministic)
         x = x + nn.Dropout(c.resid_pdrop)(h, deterministic=deterministic or not c.resid_pdrop)
-        h = MptFFN(**sub, name="ffn")(make_norm(c, "norm_2", self.dtype, self.param_dtype)(x))
+        h = MptFFN(**sub, name="ffn")(make_norm(c, "norm_2", self.dtype, self.param_dtype)(x), deterministic)
         x = x + nn.Dropout(c.resid_pdrop)(h, deterministic=deterministic or not c.resid_pdrop)
         return constrain(x, self.mesh, ("batch", "length", "embed")), layer_cache
 
@@ -56,8 +55,7 @@ class MptTransformer(MptModule):
         if c.uses_learned_pos_emb:
             self.wpe = nn.Embed(c.max_seq_len, c.d_model, embedding_init=emb_init, dtype=self.dtype,
                                 param_dtype=self.param_dtype)
-        self.blocks = [MptBlock(c, self.dtype, self.param_dtype, self.precision, self.mesh, self.attention,
-                                self.cpu_kernels, self.quantize) for _ in range(c.n_layers)]
+        self.blocks = [MptBlock(**self.submodule_fields()) for _ in range(c.n_layers)]
         self.norm_f = make_norm(c, None, self.dtype, self.param_dtype)
         self.emb_drop = nn.Dropout(c.emb_pdrop)
 
@@ -155,8 +153,7 @@ class MptTaskModule(MptModule):
     remat: bool = False
 
     def make_trunk(self) -> MptTransformer:
-        return MptTransformer(self.config, self.dtype, self.param_dtype, self.precision, self.mesh, self.attention,
-                              self.cpu_kernels, self.quantize, remat=self.remat)
+        return MptTransformer(**self.submodule_fields(), remat=self.remat)
 
     def head(self, features: int, use_bias: bool, quantize: str | None = None) -> nn.Module:
         """An output layer; float unless `quantize` (task heads have a handful of outputs: nothing to gain)."""
@@ -216,11 +213,13 @@ class FlaxMptPreTrainedModel:
 
     def __init__(self, config: MptConfig, dtype=None, param_dtype=jnp.float32, precision=None,
                  _do_init: bool = True, input_shape=(1, 1), seed: int = 0, mesh=None, remat: bool = False,
-                 attention: str = "auto", quantize: str | None = None):
+                 attention: str = "auto", quantize: str | None = None, lora=None):
         """attention: "auto" (dense for short inputs, blockwise for long), "dense", "blockwise" or
         "pallas" (easympt.kernels.pallas_attention: a Pallas kernel for accelerators, interpreted on CPU).
         quantize: the weight format of the matrices, None (float, `param_dtype`), "int8" or "int4"
-        (easympt.kernels.quant; weight-only: compute stays in `dtype`, norms and biases in `param_dtype`)."""
+        (easympt.kernels.quant; weight-only: compute stays in `dtype`, norms and biases in `param_dtype`).
+        lora: an easympt.adapters.LoraSpec: LoRA adapters on the dense layers it targets (their
+        `lora_a` / `lora_b` params join the tree; easympt.adapters.lora)."""
         if attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION_KERNELS)}")
         self.config = config
@@ -229,7 +228,7 @@ class FlaxMptPreTrainedModel:
         self.input_shape = tuple(input_shape)
         self.quantize = check_format(quantize)
         self.module = self.module_class(config, self.dtype, self.param_dtype, precision, mesh, attention,
-                                        quantize=self.quantize, remat=remat)
+                                        quantize=self.quantize, lora=lora, remat=remat)
         self._forward = jax.jit(self._apply, static_argnames=("deterministic",))
         self.params = self.init_weights(jax.random.PRNGKey(seed), self.input_shape) if _do_init else None
 
@@ -237,6 +236,10 @@ class FlaxMptPreTrainedModel:
     def weights_format(self) -> str:
         """The matrices' format: "int8" / "int4" (weight-only, easympt.kernels.quant) or the float dtype's name."""
         return self.quantize or jnp.dtype(self.param_dtype).name
+
+    @property
+    def lora(self):
+        return self.module.lora
 
     @property
     def mesh(self):

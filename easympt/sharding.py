@@ -93,6 +93,11 @@ def mpt_partition_rules(fsdp: bool = True) -> tuple[tuple[str, P], ...]:
         (r"ffn/down_proj/scale$", P("tp", f)),
         (r"lm_head/scale$", P(f, "tp")),
         (r"lm_head/bias$", P("tp")),
+        # LoRA adapters (easympt.adapters.lora): A [in, r] shards its input like the kernel, B [r, out] its output
+        (r"(Wqkv|up_proj|gate_proj)/lora_a$", P(f, None)),
+        (r"(Wqkv|up_proj|gate_proj)/lora_b$", P(None, "tp")),
+        (r"(out_proj|down_proj)/lora_a$", P("tp", None)),
+        (r"(out_proj|down_proj)/lora_b$", P(None, f)),
         # task heads: a handful of outputs, so only the input dimension is sharded
         (r"^(score|classifier|qa_outputs)/kernel$", P(f, None)),
         (r"^(classifier|qa_outputs)/bias$", P(None)),

@@ -66,7 +66,8 @@ def run_training(model_source: str, data: str, tc: TrainConfig, eval_data: str |
         from easympt.sharding import create_mesh
 
         mesh = create_mesh(mesh_shape or (1, -1, 1, 1))
-    params, config = mpt_from_pretrained(src, dtype="fp32", mesh=mesh, progress=False)
+    spec = tc.lora_spec()
+    params, config = mpt_from_pretrained(src, dtype="fp32", mesh=mesh, progress=False, quantize=tc.quantize)
     if tc.seq_len > config.max_seq_len and not config.attn_config.alibi:
         raise ValueError(f"seq_len {tc.seq_len} exceeds max_seq_len {config.max_seq_len} of a model "
                          "with learned position embeddings")
@@ -77,7 +78,11 @@ def run_training(model_source: str, data: str, tc: TrainConfig, eval_data: str |
         eval_rows = pack(tokenize(read_examples(eval_data), tokenizer, tc.seq_len, eos), tc.seq_len)
     else:
         rows, eval_rows = split_rows(rows, eval_fraction, tc.seed)
-    model = FlaxMptForCausalLM(config, _do_init=False, remat=tc.remat, mesh=mesh)
+    model = FlaxMptForCausalLM(config, _do_init=False, remat=tc.remat, mesh=mesh, quantize=tc.quantize, lora=spec)
+    if spec is not None:  # a fresh adapter (restore_latest replaces it with a saved one)
+        from easympt.adapters import lora
+
+        params = lora.merge(params, lora.init_adapter(model, jax.random.PRNGKey(tc.seed)))
     trainer = Trainer(model, params, rows, tc, eval_rows, mesh=mesh)
     resumed = trainer.restore_latest()
     log_path = os.path.join(tc.output_dir, "metrics.jsonl")
@@ -100,6 +105,12 @@ def run_training(model_source: str, data: str, tc: TrainConfig, eval_data: str |
     final = trainer.evaluate()
     if leader:
         plot_losses(log_path, os.path.join(tc.output_dir, "loss.png"))
-    if export_dir:
-        mpt_to_pretrained(trainer.params, config, export_dir, tokenizer=tokenizer)
-    return {"step": trainer.step, "resumed": resumed, "train_rows": len(rows["input_ids"]), **final}
+    if export_dir:  # a LoRA run exports the base with its adapter merged in
+        from easympt.adapters import lora
+
+        exported = trainer.params if spec is None else lora.merged_kernels(trainer.full_params, spec)
+        mpt_to_pretrained(exported, config, export_dir, tokenizer=tokenizer)
+    out = {"step": trainer.step, "resumed": resumed, "train_rows": len(rows["input_ids"]), **final}
+    if spec is not None:
+        out["adapter"] = trainer.adapter_dir
+    return out

@@ -5,6 +5,11 @@ Everything a step depends on is a function of the step number: the batch
 (`fold_in(seed, step)`). A checkpoint therefore only needs params,
 optimizer state and the step, and a resumed run continues the same loss
 curve as an uninterrupted one.
+
+With a LoRA model (`model.lora`, easympt.adapters.lora) only the adapter is trained: the base
+weights (float, or 8- / 4-bit for QLoRA) are a frozen input of the step, gradients and AdamW
+moments exist for the adapter alone, checkpoints hold the adapter and its optimizer state, and
+every save also writes the adapter in PEFT's format to `<output_dir>/adapter`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from easympt.adapters import lora
 from easympt.model import FlaxMptPreTrainedModel
 
 
@@ -36,6 +42,22 @@ class TrainConfig:
     keep_last: int = 3
     seed: int = 0
     remat: bool = False  # recompute block activations in the backward pass (long sequences)
+    # LoRA (easympt.adapters): rank 0 trains every weight; > 0 trains adapters on `lora_targets` only
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # default: 2 x rank
+    lora_targets: tuple[str, ...] = ("Wqkv",)  # PEFT's default for MPT
+    lora_dropout: float = 0.0
+    quantize: str | None = None  # the frozen base's format under LoRA (QLoRA): "int8" / "int4"
+
+    def lora_spec(self) -> lora.LoraSpec | None:
+        if not self.lora_rank:
+            if self.quantize:
+                raise ValueError(f"quantize={self.quantize!r} freezes the base in 8 or 4 bits: it trains LoRA "
+                                 "adapters only (give lora_rank, --lora-rank)")
+            return None
+        targets = self.lora_targets.split(",") if isinstance(self.lora_targets, str) else self.lora_targets
+        return lora.LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha or 2.0 * self.lora_rank,
+                             targets=tuple(t.strip() for t in targets if t.strip()), dropout=self.lora_dropout)
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
@@ -59,6 +81,12 @@ class Trainer:
         import orbax.checkpoint as ocp
 
         n = len(train_rows["input_ids"])
+        self.frozen = None  # a LoRA model's base weights, not trained
+        if model.lora is not None:
+            self.frozen, params = lora.split(params)
+            if not jax.tree_util.tree_leaves(params):
+                raise ValueError("a LoRA model's params hold no adapter (lora_a / lora_b): initialise it with "
+                                 "easympt.adapters.lora.init_adapter")
         if n < tc.batch_size:
             raise ValueError(f"{n} packed rows of training data is fewer than batch_size {tc.batch_size}")
         self.model, self.tc, self.rows, self.eval_rows = model, tc, train_rows, eval_rows
@@ -69,6 +97,8 @@ class Trainer:
 
             rules = partition_rules if partition_rules is not None else model.config.get_partition_rules(fsdp=True)
             params = jax.device_put(params, shardings_for(mesh, params, rules))
+            if self.frozen is not None:
+                self.frozen = jax.device_put(self.frozen, shardings_for(mesh, self.frozen, rules))
             shards = mesh.shape["dp"] * mesh.shape["fsdp"]
             if tc.batch_size % shards:
                 raise ValueError(f"batch_size {tc.batch_size} does not divide over the mesh's dp x fsdp = {shards} "
@@ -90,13 +120,18 @@ class Trainer:
         deterministic = not (model.config.attn_config.attn_pdrop or model.config.resid_pdrop
                              or model.config.emb_pdrop)
 
-        def train_step(params, opt_state, batch, rng):
-            loss, grads = jax.value_and_grad(lambda p: model.loss(p, batch, rng, deterministic))(params)
+        deterministic = deterministic and not (model.lora is not None and model.lora.dropout)
+
+        def whole(params, frozen):
+            return params if frozen is None else lora.merge(frozen, params)
+
+        def train_step(params, opt_state, batch, rng, frozen):
+            loss, grads = jax.value_and_grad(lambda p: model.loss(whole(p, frozen), batch, rng, deterministic))(params)
             updates, opt_state = self.optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss
 
         self._train_step = jax.jit(train_step, donate_argnums=(0, 1))
-        self._eval_loss = jax.jit(lambda p, b: model.loss(p, b, jax.random.PRNGKey(0), True))
+        self._eval_loss = jax.jit(lambda p, b, frozen: model.loss(whole(p, frozen), b, jax.random.PRNGKey(0), True))
 
     def _init_optimizer_state(self):
         """Moments sharded as their parameters, step counts replicated over the mesh. (A plain jitted init
@@ -137,6 +172,26 @@ class Trainer:
         self.manager.save(self.step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(self.params), opt_state=ocp.args.StandardSave(self.opt_state)))
         self.manager.wait_until_finished()
+        if self.model.lora is not None:
+            from easympt.adapters import save_adapter
+
+            adapter = self.params
+            if jax.process_count() > 1:  # every process joins the gather; process 0 writes
+                from jax.experimental import multihost_utils
+
+                adapter = multihost_utils.process_allgather(adapter, tiled=True)
+            if jax.process_index() == 0:
+                save_adapter(adapter, self.model.lora, self.adapter_dir)
+
+    @property
+    def adapter_dir(self) -> str:
+        """Where a LoRA run's adapter is written in PEFT's format at every save."""
+        return os.path.join(self.tc.output_dir, "adapter")
+
+    @property
+    def full_params(self) -> dict:
+        """The whole model's params: the trained ones, with a LoRA model's frozen base."""
+        return self.params if self.frozen is None else lora.merge(self.frozen, self.params)
 
     def restore_latest(self) -> bool:
         """Continue from the newest complete checkpoint, if there is one."""
@@ -165,7 +220,7 @@ class Trainer:
         rows = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in self.eval_rows.items()}
         losses = []
         for i in range(0, n, b):
-            losses.append(float(self._eval_loss(self.params, self._put_rows(rows, np.arange(i, i + b)))))
+            losses.append(float(self._eval_loss(self.params, self._put_rows(rows, np.arange(i, i + b)), self.frozen)))
         loss = float(np.mean(losses))
         return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
 
@@ -177,7 +232,7 @@ class Trainer:
         losses = []
         while self.step < end:
             self.params, self.opt_state, loss = self._train_step(
-                self.params, self.opt_state, self.batch_at(self.step), jax.random.fold_in(key, self.step))
+                self.params, self.opt_state, self.batch_at(self.step), jax.random.fold_in(key, self.step), self.frozen)
             self.step += 1
             losses.append(float(loss))
             if log is not None:

@@ -1,0 +1,215 @@
+"""LoRA adapters: parity with PEFT on transformers' MptForCausalLM both ways, PEFT's files, merging,
+training only the adapter (QLoRA on int8 / int4 bases), bad adapters refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_logits_close, make_hf_checkpoint
+from easympt.adapters import LoraSpec, load_adapter, read_spec, save_adapter
+from easympt.adapters import lora
+
+ALL = ("Wqkv", "out_proj", "up_proj", "down_proj")
+
+
+def peft_model(path, targets, r=4, alpha=8.0, seed=0, adapter=None):
+    """transformers' MptForCausalLM under PEFT: a fresh adapter with random (non-zero) A and B, or `adapter` loaded."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import MptForCausalLM
+
+    base = MptForCausalLM.from_pretrained(str(path)).eval()
+    if adapter is not None:
+        return PeftModel.from_pretrained(base, adapter).eval()
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+                                            init_lora_weights=False, lora_dropout=0.0))
+    return model.eval()
+
+
+def torch_logits(model, ids, mask=None):
+    import torch
+
+    with torch.no_grad():
+        m = None if mask is None else torch.tensor(np.asarray(mask))
+        return model(input_ids=torch.tensor(np.asarray(ids)), attention_mask=m).logits.float().numpy()
+
+
+def easympt_logits(ckpt, adapter_tree, spec, ids, mask=None, quantize=None):
+    from easympt import FlaxMptForCausalLM
+    from easympt.transform import mpt_from_pretrained
+
+    params, config = mpt_from_pretrained(ckpt, dtype="fp32", progress=False, quantize=quantize)
+    model = FlaxMptForCausalLM(config, dtype=jnp.float32, _do_init=False, quantize=quantize, lora=spec)
+    return np.asarray(model(ids, mask, params=lora.merge(params, adapter_tree)).logits)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_hf_checkpoint(tmp_path_factory.mktemp("lora") / "mpt", seed=5)
+
+
+@pytest.mark.parametrize("targets", [("Wqkv",), ALL])
+def test_peft_adapter_loads_with_peft_logits(ckpt, tokens, tmp_path, targets):
+    """An adapter PEFT made (random, non-zero B) gives easympt PEFT's logits."""
+    ids, mask = tokens
+    model = peft_model(ckpt, targets)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    ref = torch_logits(model, ids, mask)
+    tree, spec = load_adapter(str(tmp_path / "adapter"), _config(ckpt))
+    assert set(spec.targets) == set(targets) and spec.rank == 4 and spec.scale == 2.0
+    got = easympt_logits(ckpt, tree, spec, ids, mask)
+    assert_logits_close(got, ref, mask)
+
+
+def _config(ckpt):
+    from easympt import MptConfig
+
+    return MptConfig.from_pretrained(ckpt)
+
+
+TEXT = "\n\n".join(f"def f{i}(x):\n    return x * {i} + {i % 3}" for i in range(24))
+
+
+def _train(tmp_path, ckpt, max_steps=12, stop_at=None, **tc):
+    from easympt.training.run import run_training
+    from easympt.training.trainer import TrainConfig
+
+    (tmp_path / "data.txt").write_text(TEXT)
+    cfg = TrainConfig(**{"output_dir": str(tmp_path / "run"), "seq_len": 48, "batch_size": 2, "learning_rate": 1e-2,
+                         "warmup_steps": 1, "max_steps": max_steps, "save_every": 4, "lora_rank": 4,
+                         "lora_targets": ALL, **tc})
+    return run_training(ckpt, str(tmp_path / "data.txt"), cfg, progress=False)
+
+
+def test_trained_adapter_loads_in_peft_with_the_same_logits(lm_checkpoint, tmp_path, tokenizer):
+    """easympt trains the adapter alone (the base is untouched), writes PEFT's files, and PEFT's model with
+    them gives easympt's logits; the run's loss falls."""
+    out = _train(tmp_path, lm_checkpoint)
+    adapter = out["adapter"]
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2]), losses
+    ids = np.asarray([tokenizer.encode("def f3(x):\n    return x * 3")], np.int32)
+    ref = torch_logits(peft_model(lm_checkpoint, ALL, adapter=adapter), ids)
+    tree, spec = load_adapter(adapter, _config(lm_checkpoint))
+    assert float(np.abs(tree["transformer"]["blocks_0"]["ffn"]["down_proj"]["lora_b"]).max()) > 0  # trained
+    assert_logits_close(easympt_logits(lm_checkpoint, tree, spec, ids), ref)
+    base = easympt_logits(lm_checkpoint, jax.tree_util.tree_map(jnp.zeros_like, tree), spec, ids)
+    assert np.abs(base - ref).max() > 1e-2  # the adapter changed the model
+
+
+def test_lora_resume_is_exact(lm_checkpoint, tmp_path):
+    """A LoRA run killed after a save and started again ends with the adapter of an uninterrupted run."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+    _train(tmp_path / "a", lm_checkpoint, max_steps=8)
+    _train(tmp_path / "b", lm_checkpoint, max_steps=8)  # saves at steps 4 and 8
+    shutil.rmtree(tmp_path / "b" / "run" / "checkpoints" / "8")  # as if killed after step 4's save
+    shutil.rmtree(tmp_path / "b" / "run" / "adapter")
+    assert _train(tmp_path / "b", lm_checkpoint, max_steps=8)["resumed"]
+    a = load_file(str(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_qlora_trains_adapters_on_a_quantized_base(lm_checkpoint, tmp_path, quantize):
+    """QLoRA: the base frozen in 8 or 4 bits, the adapter in float32; the loss falls and the adapter's logits
+    with the quantized base are the float base's within the format's error."""
+    out = _train(tmp_path, lm_checkpoint, quantize=quantize, max_steps=12)
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2]), losses
+    tree, spec = load_adapter(out["adapter"], _config(lm_checkpoint))
+    ids = np.arange(1, 30, dtype=np.int32)[None]
+    q = easympt_logits(lm_checkpoint, tree, spec, ids, quantize=quantize)
+    f = easympt_logits(lm_checkpoint, tree, spec, ids)
+    assert np.abs(q - f).max() < (0.05 if quantize == "int8" else 0.5) * np.abs(f).max()
+
+
+def test_merged_adapter_equals_the_adapter(ckpt, tokens, tmp_path):
+    """`merged_kernels` (and `easympt convert --merge-lora`) fold the adapter into the weights: the plain
+    model then gives the adapted logits, as PEFT's merge_and_unload."""
+    from easympt import FlaxMptForCausalLM
+    from easympt.cli import main
+    from easympt.transform import mpt_from_pretrained
+
+    ids, mask = tokens
+    model = peft_model(ckpt, ALL, seed=2)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    ref = torch_logits(model, ids, mask)
+    tree, spec = load_adapter(str(tmp_path / "adapter"), _config(ckpt))
+    params, config = mpt_from_pretrained(ckpt, dtype="fp32", progress=False)
+    merged = lora.merged_kernels(lora.merge(params, tree), spec)
+    plain = FlaxMptForCausalLM(config, dtype=jnp.float32, _do_init=False)
+    assert_logits_close(np.asarray(plain(ids, mask, params=merged).logits), ref, mask)
+    assert main(["convert", ckpt, str(tmp_path / "merged"), "--merge-lora", str(tmp_path / "adapter")]) == 0
+    from conftest import hf_logits
+
+    assert_logits_close(hf_logits(tmp_path / "merged", ids, mask), ref, mask)
+
+
+def test_adapter_round_trip(ckpt, tmp_path):
+    tree, spec = load_adapter(_peft_dir(ckpt, tmp_path), _config(ckpt))
+    save_adapter(tree, spec, str(tmp_path / "again"))
+    again, spec2 = load_adapter(str(tmp_path / "again"), _config(ckpt))
+    assert spec2 == spec
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, tree)
+
+
+def _peft_dir(ckpt, tmp_path, targets=("Wqkv", "down_proj")):
+    out = tmp_path / "peft_adapter"
+    if not out.exists():
+        peft_model(ckpt, targets).save_pretrained(str(out))
+    return str(out)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("use_dora", True, "use_dora"), ("use_rslora", True, "use_rslora"),
+    ("modules_to_save", ["lm_head"], "modules_to_save"), ("rank_pattern", {"Wqkv": 2}, "rank_pattern"),
+    ("peft_type", "IA3", "only LORA"), ("target_modules", ".*Wqkv", "target_modules"),
+    ("target_modules", ["Wqkv", "q_proj"], "q_proj"), ("r", 8, "needs"), ("bias", "all", "bias"),
+])
+def test_unsupported_peft_options_are_refused_by_name(ckpt, tmp_path, field, value, match):
+    src = _peft_dir(ckpt, tmp_path)
+    cfg = json.load(open(os.path.join(src, "adapter_config.json")))
+    cfg[field] = value
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    json.dump(cfg, open(bad / "adapter_config.json", "w"))
+    os.link(os.path.join(src, "adapter_model.safetensors"), bad / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=match):
+        load_adapter(str(bad), _config(ckpt))
+
+
+def test_adapter_for_another_shape_is_refused(ckpt, tmp_path):
+    other = make_hf_checkpoint(tmp_path / "wide", seed=1, d_model=32)
+    with pytest.raises(ValueError, match="needs"):
+        load_adapter(_peft_dir(other, tmp_path), _config(ckpt))
+    with pytest.raises(ValueError, match="not a PEFT adapter"):
+        read_spec(str(tmp_path))
+
+
+def test_lora_spec_checks():
+    with pytest.raises(ValueError, match="q_proj"):
+        LoraSpec(rank=4, alpha=8, targets=("q_proj",))
+    with pytest.raises(ValueError, match="rank"):
+        LoraSpec(rank=0, alpha=8)
+    from easympt.training.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match="lora-rank"):
+        TrainConfig(output_dir="x", quantize="int4").lora_spec()
