@@ -213,3 +213,52 @@ def test_lora_spec_checks():
 
     with pytest.raises(ValueError, match="lora-rank"):
         TrainConfig(output_dir="x", quantize="int4").lora_spec()
+
+
+def _peft_greedy(ckpt, adapter, prompt, n):
+    import torch
+
+    model = peft_model(ckpt, None, adapter=adapter) if adapter else None
+    if model is None:
+        from transformers import MptForCausalLM
+
+        model = MptForCausalLM.from_pretrained(str(ckpt)).eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False, use_cache=True,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("cpu_kernels", [False, True])
+def test_rows_of_one_batch_use_different_adapters(lm_checkpoint, tokenizer, tmp_path, cpu_kernels):
+    """Three adapters (ranks 2, 4, 8; different targets) in one engine's slots and the base model, in one
+    batch: each row's greedy tokens equal PEFT's model with that adapter, and that adapter served alone."""
+    from easympt.generation import Generator
+    from easympt.generation.sampling import SamplingConfig
+    from easympt.kernels import cpu
+
+    if cpu_kernels and not cpu.available():
+        pytest.skip("easympt's CPU kernels are not built here")
+    dirs = []
+    for i, (targets, r) in enumerate([(("Wqkv",), 2), (ALL, 4), (("up_proj", "down_proj"), 8)]):
+        peft_model(lm_checkpoint, targets, r=r, alpha=2.0 * r, seed=10 + i).save_pretrained(str(tmp_path / f"a{i}"))
+        dirs.append(str(tmp_path / f"a{i}"))
+    prompt = tokenizer.encode("def f3(x):\n    return")
+    n = 12
+    gen = Generator.from_pretrained(lm_checkpoint, max_length=64, max_compile_tokens=16, cpu_kernels=cpu_kernels,
+                                    max_loras=4, max_lora_rank=8)
+    config = _config(lm_checkpoint)
+    for slot, d in enumerate(dirs):
+        gen.engine.set_adapter(slot + 1, *load_adapter(d, config))  # slot 0 stays empty
+    configs = [SamplingConfig(temperature=0.0, max_new_tokens=n, adapter=a) for a in (1, -1, 3, 2, 0)]
+    together = [r.token_ids for r in gen.generate_batch([prompt] * 5, configs)]
+    for row, c in enumerate(configs):
+        alone = gen.generate_batch([prompt], [c])[0].token_ids
+        adapter = dirs[c.adapter - 1] if c.adapter > 0 else None
+        assert together[row] == alone == _peft_greedy(lm_checkpoint, adapter, prompt, n), (row, c.adapter)
+    assert len({tuple(t) for t in together}) >= 3  # the adapters change the output
+    gen.engine.clear_adapter(1)
+    assert gen.generate_batch([prompt], [configs[0]])[0].token_ids == together[1]  # back to the base model
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        peft_model(lm_checkpoint, ("Wqkv",), r=16).save_pretrained(str(tmp_path / "big"))
+        gen.engine.set_adapter(0, *load_adapter(str(tmp_path / "big"), config))

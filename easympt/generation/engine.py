@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from easympt.adapters import lora
+from easympt.adapters.peft_format import layer_dims
 from easympt.cache import KVCache, cache_rows, resolve_kv_dtype
 from easympt.generation.sampling import (MAX_LOGPROBS, NO_STOP, SamplingConfig, SamplingRows, TokenLogprobs, sample,
                                         token_logprobs)
@@ -121,11 +123,15 @@ class GenerationEngine:
     it exactly on load) at the cost of rounding keys and values to bfloat16, as llama.cpp's default
     16-bit cache does. "int8" quarters it (easympt.cache.Int8Slots: a scale per slot and KV head; the
     CPU decode kernel reads the int8 slots, XLA's path a dequantized copy).
+
+    `max_loras` > 0: that many LoRA adapter slots of rank up to `max_lora_rank` on every dense layer
+    (easympt.adapters.lora), filled and emptied with `set_adapter` / `clear_adapter` without compiling
+    anything new; each row picks its slot with SamplingConfig.adapter, so one batch mixes adapters.
     """
 
     def __init__(self, model: FlaxMptForCausalLM, params, max_length: int = 2048, max_compile_tokens: int = 64,
                  stop_slots: int = 8, prefill_chunk: int = 2048, cpu_kernels: bool | None = None,
-                 kv_dtype=None, consume_params: bool = False):
+                 kv_dtype=None, consume_params: bool = False, max_loras: int = 0, max_lora_rank: int = 16):
         cfg = model.config
         if cfg.uses_learned_pos_emb and max_length > cfg.max_seq_len:
             raise ValueError(f"max_length {max_length} exceeds max_seq_len {cfg.max_seq_len} of a model with "
@@ -135,6 +141,21 @@ class GenerationEngine:
         self.model, self.config = model, cfg
         self.kv_dtype = resolve_kv_dtype(kv_dtype) or model.dtype
         self.module, self.params = _with_cpu_kernels(model, unwrap_params(params), cpu_kernels, consume_params)
+        self.lora = None  # the served adapter slots' LoraSpec
+        if max_loras:
+            if model.lora is not None:
+                raise ValueError("serve a trained adapter from its PEFT files (set_adapter), not a LoRA model's params")
+            if model.mesh is not None:
+                raise ValueError("LoRA adapters are served on one device; no mesh")
+            self.lora = lora.LoraSpec(rank=int(max_lora_rank), alpha=float(max_lora_rank),
+                                      targets=tuple(layer_dims(cfg)), slots=int(max_loras))
+            self.module = self.module.clone(lora=self.lora)
+            if self.params is not None:
+                shapes = jax.eval_shape(self.module.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+                _, slots = lora.split(shapes["params"])
+                self.params = lora.merge(self.params, jax.tree_util.tree_map(
+                    lambda s: jnp.zeros(s.shape, s.dtype), slots))
+            self._put_adapter = jax.jit(_put_adapter, donate_argnums=(0,))
         # the instruction set the CPU kernels run with (easympt.kernels.cpu), None without them
         self.cpu_isa = cpu.active_isa() if self.module.cpu_kernels else None
         self.max_length = int(max_length)
@@ -165,18 +186,22 @@ class GenerationEngine:
                 f"{self.model.weights_format} weights, {jnp.dtype(self.kv_dtype).name} KV cache, "
                 f"weight products by {kernels}")
 
-    def _forward(self, params, tokens, mask, cache, logits_slice=None, cache_window=None):
-        return self.module.apply({"params": params}, tokens, mask, cache, None, None, True, logits_slice,
-                                 cache_window)
+    def _forward(self, params, tokens, mask, cache, logits_slice=None, cache_window=None, adapter=None):
+        """The model's logits and cache; `adapter` [B]: each row's LoRA slot (with adapter slots)."""
+        variables = {"params": params}
+        if self.lora is not None and adapter is not None:
+            variables[lora.ROWS] = lora.rows_collection(params, adapter)
+        return self.module.apply(variables, tokens, mask, cache, None, None, True, logits_slice, cache_window)
 
     def _extend(self, params, tokens, mask, cache: KVCache, seen, next_tokens, with_logprobs: bool,
-                window: int | None = None):
+                window: int | None = None, adapter=None):
         """One prompt chunk [n, C] into `cache`: (cache, seen, last position's logits [n, V], and with
         `with_logprobs` the TokenLogprobs [n, C] of `next_tokens`, each position's following token).
-        `window`: attend over the cache's first `window` slots only (every row's keys lie there)."""
+        `window`: attend over the cache's first `window` slots only (every row's keys lie there).
+        `adapter` [n]: each row's LoRA slot."""
         C = tokens.shape[1]
         logits, cache = self._forward(params, tokens, mask, cache, logits_slice=None if with_logprobs else (C - 1, 1),
-                                      cache_window=window)
+                                      cache_window=window, adapter=adapter)
         seen = jax.vmap(lambda s, t, m: s.at[t].max(m))(seen, tokens, mask.astype(bool))
         return cache, seen, logits[:, -1], token_logprobs(logits, next_tokens) if with_logprobs else None
 
@@ -197,7 +222,7 @@ class GenerationEngine:
         # the room left for the reply (a 512-token prompt in a 1,024-slot cache: 548 -> 459 ms on mpt-125m)
         window = P if P < cache_len else None
         cache, seen, last, lp = self._extend(params, tokens, mask, cache, seen, _following(tokens), with_logprobs,
-                                             window)
+                                             window, rows.adapter)
         prefix = self._finish(last, cache, seen, rows, max_new, stop_ids, with_logprobs)
         return prefix.replace(prompt_logprobs=_shift_scores(lp)) if with_logprobs else prefix
 
@@ -261,7 +286,8 @@ class GenerationEngine:
 
         def body(carry):
             i, st, out, lps = carry
-            logits, cache = self._forward(params, st.token[:, None], st.active[:, None], st.cache, cache_window=window)
+            logits, cache = self._forward(params, st.token[:, None], st.active[:, None], st.cache, cache_window=window,
+                                          adapter=st.rows.adapter)
             # inactive rows wrote nothing valid; keep their write position
             cache = cache.replace(index=jnp.where(st.active, cache.index, st.cache.index))
             token = sample(logits[:, 0], st.rows, st.n_new, st.seen)
@@ -280,6 +306,40 @@ class GenerationEngine:
 
         _, state, out, lps = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out, lps))
         return state, out, lps
+
+    # -------------------------------------------------------------- adapters
+    def set_adapter(self, slot: int, adapter: dict, spec: lora.LoraSpec) -> None:
+        """Put a LoRA adapter (easympt.adapters.load_adapter's tree and spec) into slot `slot`: its
+        alpha / r folded into B, its rank padded to the slots' rank, layers it does not target zero.
+        One compiled update for every slot and adapter."""
+        if self.lora is None:
+            raise ValueError("this engine has no LoRA adapter slots (max_loras=0)")
+        if not 0 <= slot < self.lora.slots:
+            raise ValueError(f"adapter slot {slot} is not in 0..{self.lora.slots - 1}")
+        if spec.rank > self.lora.rank:
+            raise ValueError(f"adapter rank {spec.rank} exceeds max_lora_rank {self.lora.rank}")
+        _, slots = lora.split(self.params)
+
+        def one(path, buf):
+            node = adapter
+            for k in path[:-1]:
+                node = node.get(str(getattr(k, "key", k)), {}) if isinstance(node, dict) else {}
+            leaf = str(getattr(path[-1], "key", path[-1]))
+            out = np.zeros(buf.shape[1:], np.float32)
+            if isinstance(node, dict) and leaf in node:
+                x = np.asarray(node[leaf], np.float32)
+                if leaf == "lora_a":
+                    out[:, :x.shape[1]] = x
+                else:
+                    out[:x.shape[0]] = x * spec.scale
+            return out
+
+        self.params = self._put_adapter(self.params, jnp.int32(slot),
+                                        jax.tree_util.tree_map_with_path(one, slots))
+
+    def clear_adapter(self, slot: int) -> None:
+        """Zero slot `slot` (a row that still names it then runs the base model)."""
+        self.set_adapter(slot, {}, lora.LoraSpec(rank=1, alpha=1.0))
 
     # -------------------------------------------------------------- host side
     def empty_state(self, batch_size: int, cache_len: int | None = None) -> DecodeState:
@@ -391,6 +451,13 @@ class GenerationEngine:
 
 
 
+def _put_adapter(params, slot, adapter):
+    """params with slot `slot` of every adapter leaf replaced by `adapter`'s ([K, r] / [r, N] each)."""
+    base, slots = lora.split(params)
+    return lora.merge(base, jax.tree_util.tree_map(lambda buf, x: buf.at[slot].set(x.astype(buf.dtype)), slots,
+                                                   adapter))
+
+
 class ChunkedPrefill:
     """A long prompt's prefill, one chunk per `step()`; `prefix` is ready once `done`."""
 
@@ -408,6 +475,7 @@ class ChunkedPrefill:
         self.following = _following(self.tokens)
         self.with_logprobs = any(c.wants_logprobs for c in configs)
         self.stop_ids = engine.stop_table(configs, eos_ids)
+        self.adapter = jnp.asarray([c.adapter for c in configs], jnp.int32)
         n = len(prompts)
         self.cache = KVCache.zeros(engine.config, n, cache_len, engine.kv_dtype)
         self.seen = jnp.zeros((n, engine.config.vocab_size), bool)
@@ -424,7 +492,7 @@ class ChunkedPrefill:
         chunk = slice(*self.bounds[self.next_chunk])
         self.cache, self.seen, last, lp = eng.extend(eng.params, self.tokens[:, chunk], self.mask[:, chunk], self.cache,
                                                      self.seen, self.following[:, chunk],
-                                                     with_logprobs=self.with_logprobs)
+                                                     with_logprobs=self.with_logprobs, adapter=self.adapter)
         if lp is not None:
             self.scores.append(lp)
         self.next_chunk += 1

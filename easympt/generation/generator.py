@@ -43,17 +43,19 @@ class Generator:
 
     def __init__(self, model: FlaxMptForCausalLM, params, tokenizer, max_length: int = 2048,
                  max_compile_tokens: int = 64, cpu_kernels: bool | None = None, kv_dtype=None,
-                 consume_params: bool = False):
+                 consume_params: bool = False, **engine_options):
+        """engine_options: the GenerationEngine's other options (max_loras, max_lora_rank, ...)."""
         self.tokenizer = tokenizer
         self.engine = GenerationEngine(model, params, max_length=max_length, max_compile_tokens=max_compile_tokens,
-                                       cpu_kernels=cpu_kernels, kv_dtype=kv_dtype, consume_params=consume_params)
+                                       cpu_kernels=cpu_kernels, kv_dtype=kv_dtype, consume_params=consume_params,
+                                       **engine_options)
         eos = {model.config.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         self.eos_ids = tuple(sorted(i for i in eos if i is not None))
 
     @classmethod
     def from_pretrained(cls, source: str, dtype=None, max_length: int = 2048, max_compile_tokens: int = 64,
                         tokenizer=None, cpu_kernels: bool | None = None, kv_dtype=None, quantize: str | None = None,
-                        **load_kwargs) -> Generator:
+                        max_loras: int = 0, max_lora_rank: int = 16, **load_kwargs) -> Generator:
         """A Generator on a checkpoint; `quantize` ("int8", "int4"): weights quantized as they load
         (a quantized easympt checkpoint loads in its own format)."""
         from easympt.transform import mpt_from_pretrained
@@ -67,7 +69,8 @@ class Generator:
                                    quantize=params_format(params))
         tokenizer = tokenizer or load_tokenizer(ckpt)
         return cls(model, params, tokenizer, max_length=max_length, max_compile_tokens=max_compile_tokens,
-                   cpu_kernels=cpu_kernels, kv_dtype=kv_dtype, consume_params=True)
+                   cpu_kernels=cpu_kernels, kv_dtype=kv_dtype, consume_params=True, max_loras=max_loras,
+                   max_lora_rank=max_lora_rank)
 
     # ---------------------------------------------------------------- helpers
     def encode(self, prompt) -> list[int]:

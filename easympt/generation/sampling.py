@@ -33,6 +33,7 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     logprobs: int | None = None  # report each generated token's log-probability and this many alternatives
     prompt_logprobs: bool = False  # also the prompt's (OpenAI `echo`); then max_new_tokens may be 0
+    adapter: int = -1  # the engine's LoRA adapter slot this request runs with (-1: the base model)
 
     def __post_init__(self):
         if not (self.temperature >= 0):
@@ -78,6 +79,7 @@ class SamplingRows:
     min_p: jax.Array
     repetition_penalty: jax.Array
     key: jax.Array  # [B, 2] uint32: one PRNG stream per request
+    adapter: jax.Array  # [B] int32: each row's LoRA adapter slot, -1 for none (easympt.adapters.lora)
 
     @classmethod
     def from_configs(cls, configs: list[SamplingConfig]) -> SamplingRows:
@@ -90,6 +92,7 @@ class SamplingRows:
             min_p=jnp.asarray([c.min_p for c in configs], jnp.float32),
             repetition_penalty=jnp.asarray([c.repetition_penalty for c in configs], jnp.float32),
             key=jnp.asarray(keys, jnp.uint32),
+            adapter=jnp.asarray([c.adapter for c in configs], jnp.int32),
         )
 
 
