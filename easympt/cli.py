@@ -168,6 +168,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _name_and_dir(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--lora {spec!r}: give NAME=DIR (a PEFT adapter directory)")
+    return name, path
+
+
 def cmd_serve(args) -> int:
     import logging
     import signal
@@ -199,6 +206,11 @@ def cmd_serve(args) -> int:
         overrides["quantize"] = args.quantize
     if args.max_new_tokens:
         overrides["max_new_tokens"] = args.max_new_tokens
+    if args.lora:
+        overrides["lora_modules"] = dict(_name_and_dir(spec) for spec in args.lora)
+    for key in ("max_loras", "max_lora_rank"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
     if args.mesh:
         overrides["mesh_axes_shape"] = mesh_shape(args.mesh)
     if args.api_key:
@@ -371,6 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode steps per engine dispatch (1: stream every token as it is made)")
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="longer prompts are prefilled this many tokens at a time, between other requests' decode steps")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a LoRA adapter (PEFT's format) as model NAME; repeatable; a request picks it with "
+                        "\"model\": NAME")
+    p.add_argument("--max-loras", dest="max_loras", type=int, default=None,
+                   help="LoRA adapter slots (default: 4 or the number of --lora, whichever is larger, with --lora; "
+                        "else 0). Adapters load and unload at run time (/v1/load_lora_adapter) into free slots")
+    p.add_argument("--max-lora-rank", dest="max_lora_rank", type=int, default=None,
+                   help="the largest adapter rank the slots hold (default 16)")
     p.add_argument("--share", action="store_true", help="ask Gradio for public share links")
     p.add_argument("--no-gradio", action="store_true")
     p.add_argument("--no-precompile", action="store_true")

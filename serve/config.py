@@ -31,6 +31,11 @@ class JaxServerConfig(BaseModel):
     kv_dtype: str = Field("auto", description="KV-cache dtype (float32, bfloat16, float16 or int8: a scale per "
                                                "token and KV head); auto: the compute dtype")
     quantize: str | None = Field(None, description="weight format: int8 or int4 (weight-only; None: float)")
+    max_loras: int = Field(0, ge=0, le=64, description="LoRA adapter slots (one batch mixes adapters); 0: none, "
+                                                       "unless lora_modules names some")
+    max_lora_rank: int = Field(16, ge=1, le=256, description="the largest adapter rank the slots hold")
+    lora_modules: dict[str, str] = Field(default_factory=dict, description="LoRA adapters to load at start-up: "
+                                                                           "name -> PEFT adapter directory")
     use_prefix_tokenizer: bool = True
     pre_compile: bool = True
     stream_tokens_for_gradio: bool = True
@@ -75,6 +80,8 @@ class JaxServerConfig(BaseModel):
                              f"{self.mesh_axes_shape} differ in length")
         if self.max_compile_tokens > self.max_length:
             raise ValueError("max_compile_tokens must not exceed max_length")
+        if self.lora_modules and self.max_loras < len(self.lora_modules):
+            self.max_loras = max(4, len(self.lora_modules))  # room for a few loaded later
         if self.prefill_chunk < self.max_compile_tokens:
             raise ValueError("prefill_chunk must be at least max_compile_tokens (the smallest prompt bucket)")
         return self

@@ -71,6 +71,15 @@ class CompletionRequest(_Common):
         return self
 
 
+class LoadLoraRequest(StrictBody):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraRequest(StrictBody):
+    lora_name: str = Field(min_length=1)
+
+
 class ChatMessage(StrictBody):
     role: Literal["system", "user", "assistant", "developer"]
     content: str
@@ -127,9 +136,12 @@ def build_router(server) -> APIRouter:
     cfg = server.config
     router = APIRouter(prefix="/v1")
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != cfg.model_name:
-            raise HTTPException(404, f"model {name!r} does not exist; this server serves {cfg.model_name!r}")
+    def check_model(name: str | None) -> int:
+        """The LoRA adapter slot `name` picks (-1: the base model); an unknown name is a 404 naming it."""
+        try:
+            return server.adapters.slot_for(name)
+        except LookupError as e:
+            raise HTTPException(404, str(e)) from None
 
     def sampling_for(body: _Common, extra_stop=(), index: int = 0, logprobs: int | None = None,
                      echo: bool = False):
@@ -139,7 +151,7 @@ def build_router(server) -> APIRouter:
         seed = None if body.seed is None else (body.seed + index) % 2**63
         extra = {k: v for k, v in (("min_p", body.min_p), ("repetition_penalty", body.repetition_penalty))
                  if v is not None}
-        extra.update(logprobs=logprobs, prompt_logprobs=echo)
+        extra.update(logprobs=logprobs, prompt_logprobs=echo, adapter=check_model(body.model))
         return server.sampling(body.temperature, body.top_p, body.top_k, limit, seed,
                                stop=tuple(body.stop or ()) + tuple(extra_stop), **extra)
 
@@ -149,15 +161,41 @@ def build_router(server) -> APIRouter:
     def reason_for(r: str | None) -> str:
         return "length" if r in ("length", "timeout") else "stop"
 
+    def model_card(name: str) -> dict:
+        card = {"id": name, "object": "model", "created": int(server.started_at), "owned_by": "easympt",
+                "root": name, "parent": None}
+        adapter = server.adapters.loaded.get(name)
+        if adapter is not None:
+            card.update(created=adapter.created, root=adapter.path, parent=cfg.model_name)
+        return card
+
     @router.get("/models")
     async def models():
-        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": int(server.started_at),
-                                            "owned_by": "easympt"}]}
+        """The base model and every loaded LoRA adapter (vLLM's shape: an adapter's parent is the base)."""
+        return {"object": "list", "data": [model_card(n) for n in (cfg.model_name, *server.adapters.loaded)]}
 
     @router.get("/models/{name:path}")
     async def model(name: str):
         check_model(name)
-        return {"id": cfg.model_name, "object": "model", "created": int(server.started_at), "owned_by": "easympt"}
+        return model_card(name)
+
+    @router.post("/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraRequest):
+        """vLLM's route: load a PEFT adapter directory under a name requests then pick with "model"."""
+        try:
+            entry = await asyncio.to_thread(server.adapters.load, body.lora_name, body.lora_path)
+        except ValueError as e:  # a bad adapter, a duplicate name, no free slot: named in the message
+            raise HTTPException(400, str(e)) from None
+        return {"status": "loaded", "lora_name": entry.name, "lora_path": entry.path, "rank": entry.rank,
+                "targets": list(entry.targets)}
+
+    @router.post("/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraRequest):
+        try:
+            server.adapters.unload(body.lora_name)
+        except LookupError as e:
+            raise HTTPException(404, str(e)) from None
+        return {"status": "unloaded", "lora_name": body.lora_name}
 
     async def stream_events(prompt: str | list[int], sampling, truncate: bool, make_chunk):
         ids = server.encode_prompt(prompt, sampling.max_new_tokens, truncate)
@@ -192,7 +230,7 @@ def build_router(server) -> APIRouter:
 
     @router.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
+        served = body.model or cfg.model_name
         p = body.prompt
         prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
         if not prompts:
@@ -210,7 +248,7 @@ def build_router(server) -> APIRouter:
                 if body.logprobs is not None and scores:
                     lp = completion_logprobs(tok, scores, offset)
                     offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
-                return {"id": cid, "object": "text_completion", "created": created, "model": cfg.model_name,
+                return {"id": cid, "object": "text_completion", "created": created, "model": served,
                         "choices": [{"index": 0, "text": text or "", "finish_reason": reason, "logprobs": lp}]}
             return await stream_events(prompts[0], sampling_for(body, logprobs=body.logprobs), body.truncate, chunk)
         jobs = [(p, sampling_for(body, index=i, logprobs=body.logprobs, echo=body.echo))
@@ -226,12 +264,12 @@ def build_router(server) -> APIRouter:
                             "logprobs": None if body.logprobs is None else completion_logprobs(tok, scores)})
             n_in += done.prompt_tokens if i % body.n == 0 else 0
             n_out += done.completion_tokens
-        return {"id": cid, "object": "text_completion", "created": created, "model": cfg.model_name,
+        return {"id": cid, "object": "text_completion", "created": created, "model": served,
                 "choices": choices, "usage": usage(n_in, n_out)}
 
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        check_model(body.model)
+        served = body.model or cfg.model_name
         if body.messages[-1].role != "user":
             raise HTTPException(400, "the last message must come from the user")
         prompt = server.format_messages([m.model_dump() for m in body.messages])
@@ -248,7 +286,7 @@ def build_router(server) -> APIRouter:
                 choice = {"index": 0, "delta": delta, "finish_reason": reason}
                 if body.logprobs:
                     choice["logprobs"] = chat_logprobs(server.tokenizer, scores, n_top) if scores else None
-                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
+                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": served,
                         "choices": [choice]}
             return await stream_events(prompt, sampling_for(body, stops, logprobs=want), body.truncate, chunk)
         results = await asyncio.gather(*(run_to_completion(server, prompt, sampling_for(body, stops, i, logprobs=want),
@@ -257,7 +295,7 @@ def build_router(server) -> APIRouter:
                     "finish_reason": reason_for(done.finish_reason),
                     "logprobs": chat_logprobs(server.tokenizer, done.logprobs, n_top) if body.logprobs else None}
                    for i, done in enumerate(results)]
-        return {"id": cid, "object": "chat.completion", "created": created, "model": cfg.model_name,
+        return {"id": cid, "object": "chat.completion", "created": created, "model": served,
                 "choices": choices, "usage": usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results))}
 
     return router

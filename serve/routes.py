@@ -33,6 +33,7 @@ class _SamplingFields(StrictBody):
     top_k: int | None = Field(None, ge=0)
     seed: int | None = Field(None, ge=0)
     truncate: bool = False
+    model: str | None = None  # a loaded LoRA adapter's name (GET /v1/models); none: the base model
 
 
 class ChatRequest(_SamplingFields):
@@ -175,6 +176,10 @@ def build_app(server) -> FastAPI:
     async def on_value(request: Request, exc: ValueError):
         return JSONResponse(error_body(400, str(exc)), 400)
 
+    @app.exception_handler(LookupError)
+    async def on_unknown(request: Request, exc: LookupError):  # an adapter name that is not loaded
+        return JSONResponse(error_body(404, str(exc.args[0] if exc.args else exc), "not_found_error"), 404)
+
     @app.exception_handler(QueueFull)
     async def on_full(request: Request, exc: QueueFull):
         return JSONResponse(error_body(429, str(exc), "rate_limit_error"), 429, headers={"Retry-After": "1"})
@@ -221,6 +226,9 @@ def build_app(server) -> FastAPI:
             "weights_format": server.model.weights_format,
             "kv_dtype": jnp.dtype(server.engine.kv_dtype).name, "backend": jax.default_backend(),
             "cpu_kernels": server.engine.cpu_isa,  # the instruction set easympt's CPU kernels run, null: XLA
+            "lora_adapters": {a.name: {"path": a.path, "rank": a.rank, "targets": list(a.targets)}
+                              for a in server.adapters.loaded.values()},
+            "max_loras": cfg.max_loras, "max_lora_rank": cfg.max_lora_rank if cfg.max_loras else None,
             "model_config": {"d_model": m.d_model, "n_heads": m.n_heads, "n_layers": m.n_layers,
                              "vocab_size": m.vocab_size, "max_seq_len": m.max_seq_len},
         }
@@ -234,14 +242,16 @@ def build_app(server) -> FastAPI:
     async def chat(body: ChatRequest, request: Request):
         prompt = server.format_chat(body.history, body.prompt, body.system)
         sampling = server.sampling(body.temperature, body.top_p, body.top_k, body.max_new_tokens, body.seed,
-                                   stop=server.chat_stop_strings(), greedy=body.greedy)
+                                   stop=server.chat_stop_strings(), greedy=body.greedy,
+                                   adapter=server.adapters.slot_for(body.model))
         return await reply(prompt, sampling, body.truncate, request)
 
     @app.post("/instruct", response_model=GenerationReply)
     async def instruct(body: InstructRequest, request: Request):
         prompt = server.format_instruct(body.system, body.instruction)
         sampling = server.sampling(body.temperature, body.top_p, body.top_k, body.max_new_tokens, body.seed,
-                                   stop=server.instruct_stop_strings(), greedy=body.greedy)
+                                   stop=server.instruct_stop_strings(), greedy=body.greedy,
+                                   adapter=server.adapters.slot_for(body.model))
         return await reply(prompt, sampling, body.truncate, request)
 
     app.include_router(build_router(server))

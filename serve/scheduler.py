@@ -12,6 +12,7 @@ handled here too, so callers only read events.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -142,6 +143,7 @@ class Scheduler:
         self._pending = None  # who occupied each row when the dispatch in flight was made
         self._last_delivery: float | None = None
         self._last_ping = 0.0
+        self._calls: queue.Queue = queue.Queue()  # work to run on the engine thread between dispatches
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -160,6 +162,32 @@ class Scheduler:
         if self.metrics:
             self.metrics.queue_depth.set(self.waiting.qsize())
         return handle
+
+    def on_engine(self, fn, timeout_s: float = 600.0):
+        """fn() run on the engine thread between dispatches (it may change the engine's params), and its
+        result; directly while the thread is not running."""
+        if self._thread is None or not self._thread.is_alive():
+            return fn()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((fn, future))
+        return future.result(timeout=timeout_s)
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            self._flush()  # the dispatch in flight read the params as they were
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - the caller gets it
+                future.set_exception(e)
+
+    def adapters_in_use(self) -> set[int]:
+        """The LoRA adapter slots running or waiting requests use."""
+        handles = [s.handle for s in self.slots if s is not None] + list(self.waiting.queue)
+        return {h.sampling.adapter for h in handles if h.sampling.adapter >= 0}
 
     def start(self) -> None:
         if self._thread is None:
@@ -196,6 +224,7 @@ class Scheduler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                self._run_calls()
                 self._admit()
                 if self.active_slots == 0:
                     self._flush()

@@ -45,6 +45,9 @@ class JAXServer:
         self.config = config if isinstance(config, JaxServerConfig) else JaxServerConfig(**(config or {}))
         self.metrics = ServerMetrics()
         self.model = self.tokenizer = self.engine = self.scheduler = self.device_batch = None
+        from easympt.serve.adapters import AdapterRegistry
+
+        self.adapters = AdapterRegistry(self)
         self._uvicorn = None
         self._thread: threading.Thread | None = None
         self._app = None
@@ -90,10 +93,13 @@ class JAXServer:
             model = FlaxMptForCausalLM(config_model, dtype=compute, param_dtype=weights, _do_init=False, mesh=mesh,
                                        quantize=quantize)
         server.model, server.tokenizer = model, tokenizer
+        if cfg.max_loras and jax.process_count() > 1:
+            raise ValueError("LoRA adapters are served by one process; a multi-process server has none")
         server.engine = GenerationEngine(model, params, max_length=cfg.max_length,
                                          max_compile_tokens=cfg.max_compile_tokens, prefill_chunk=cfg.prefill_chunk,
                                          kv_dtype=None if cfg.kv_dtype == "auto" else cfg.kv_dtype,
-                                         consume_params=consume_params)
+                                         consume_params=consume_params, max_loras=cfg.max_loras,
+                                         max_lora_rank=cfg.max_lora_rank)
         del params  # on CPU the engine holds a packed copy (easympt.kernels.cpu): keep only that one
         eos = {config_model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         eos = tuple(sorted(i for i in eos if i is not None))
@@ -105,6 +111,8 @@ class JAXServer:
                                      decode_steps=cfg.decode_steps, device=device)
         if verbose or cfg.verbose:
             logging.getLogger("easympt").setLevel(logging.INFO)
+        for name, path in cfg.lora_modules.items():
+            server.adapters.load(name, path)
         if cfg.pre_compile:
             server.compile()  # every process compiles the same programs in the same order
         if do_memory_log:
@@ -162,6 +170,9 @@ class JAXServer:
                     state = eng.insert(prefix, state, jax.numpy.asarray([B] * n, jax.numpy.int32))  # rows dropped
             for window in windows:
                 state, _ = eng.generate(eng.params, state, n_steps=self.config.decode_steps, window=window)
+        if eng.lora is not None and len(self.adapters.loaded) < eng.lora.slots:  # the adapter update's program
+            free = sorted(set(range(eng.lora.slots)) - {a.slot for a in self.adapters.loaded.values()})[0]
+            eng.clear_adapter(free)
         jax.block_until_ready(jax.numpy.copy(state.active))  # DeviceBatch keeps a copy of each dispatch's rows
         took = time.perf_counter() - t0
         log.warning("precompiled %d prompt buckets %s and the decode step over %d cache windows in %.1fs",

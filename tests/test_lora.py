@@ -262,3 +262,85 @@ def test_rows_of_one_batch_use_different_adapters(lm_checkpoint, tokenizer, tmp_
     with pytest.raises(ValueError, match="max_lora_rank"):
         peft_model(lm_checkpoint, ("Wqkv",), r=16).save_pretrained(str(tmp_path / "big"))
         gen.engine.set_adapter(0, *load_adapter(str(tmp_path / "big"), config))
+
+
+# ------------------------------------------------------------------ serving
+@pytest.fixture(scope="module")
+def adapter_dirs(lm_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    dirs = {}
+    for i, (name, targets, r) in enumerate([("coder", ALL, 4), ("poet", ("Wqkv", "down_proj"), 8),
+                                            ("huge", ("Wqkv",), 16)]):
+        peft_model(lm_checkpoint, targets, r=r, alpha=2.0 * r, seed=20 + i).save_pretrained(str(root / name))
+        dirs[name] = str(root / name)
+    return dirs
+
+
+def test_server_serves_many_adapters(lm_checkpoint, tokenizer, adapter_dirs):
+    """`--lora NAME=DIR` at start-up and vLLM's load / unload routes at run time; a request picks its adapter
+    with "model" (OpenAI and /chat routes), concurrent requests on different adapters share decode batches,
+    and each answer's greedy tokens equal PEFT's model with that adapter. Bad loads are 4xx naming the problem,
+    and the server keeps serving."""
+    import concurrent.futures
+
+    import httpx
+
+    from conftest import SERVER_CONFIG
+    from easympt.serve import MPTJaxServer
+
+    srv = MPTJaxServer.from_pretrained(lm_checkpoint, progress=False, config={
+        **SERVER_CONFIG, "lora_modules": {"coder": adapter_dirs["coder"]}, "max_loras": 2, "max_lora_rank": 8})
+    srv.fire()
+    prompt = tokenizer.encode("def f3(x):\n    return")
+    n = 10
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            def complete(model):
+                body = {"prompt": prompt, "max_tokens": n, "temperature": 0}
+                if model:
+                    body["model"] = model
+                r = c.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                return tokenizer.encode(r.json()["choices"][0]["text"]), r.json()["model"]
+
+            models = [m["id"] for m in c.get("/v1/models").json()["data"]]
+            assert models == [srv.config.model_name, "coder"]
+            r = c.post("/v1/load_lora_adapter", json={"lora_name": "poet", "lora_path": adapter_dirs["poet"]})
+            assert r.status_code == 200 and r.json()["rank"] == 8, r.text
+            card = c.get("/v1/models/poet").json()
+            assert card["parent"] == srv.config.model_name and card["root"] == adapter_dirs["poet"]
+            with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                answers = list(pool.map(complete, ["coder", None, "poet", "coder", "poet", None]))
+            for model, (ids, served) in zip(["coder", None, "poet", "coder", "poet", None], answers):
+                assert served == (model or srv.config.model_name)
+                want = _peft_greedy(lm_checkpoint, adapter_dirs.get(model), prompt, n)
+                assert ids == tokenizer.encode(tokenizer.decode(want)), model
+            assert answers[0][0] != answers[1][0] != answers[2][0]
+            chat = c.post("/chat", json={"prompt": "hello", "greedy": True, "max_new_tokens": 4, "model": "poet"})
+            assert chat.status_code == 200, chat.text
+
+            # bad input: each a clear 4xx, and the server goes on
+            for body, status, words in [
+                ({"lora_name": "big", "lora_path": adapter_dirs["huge"]}, 400, "max_lora_rank 8"),
+                ({"lora_name": "coder", "lora_path": adapter_dirs["poet"]}, 400, "already loaded"),
+                ({"lora_name": "x", "lora_path": "/nonexistent"}, 400, "not a PEFT adapter"),
+                ({"lora_name": "x"}, 400, "lora_path"),
+                ({"lora_name": "third", "lora_path": adapter_dirs["poet"]}, 400, "slots"),
+            ]:
+                r = c.post("/v1/load_lora_adapter", json=body)
+                assert r.status_code == status and words in r.json()["error"]["message"], (body, r.text)
+            assert c.post("/v1/unload_lora_adapter", json={"lora_name": "poet"}).status_code == 200
+            r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "model": "poet"})
+            assert r.status_code == 404 and "'poet'" in r.json()["error"]["message"]
+            r = c.post("/chat", json={"prompt": "x", "max_new_tokens": 2, "model": "poet"})
+            assert r.status_code == 404 and "'poet'" in r.json()["error"]["message"]
+            assert c.post("/v1/unload_lora_adapter", json={"lora_name": "poet"}).status_code == 404
+            assert c.get("/status").json()["lora_adapters"].keys() == {"coder"}
+            # the freed slot takes another adapter, which now answers as PEFT's
+            assert c.post("/v1/load_lora_adapter", json={"lora_name": "poet2",
+                                                         "lora_path": adapter_dirs["poet"]}).status_code == 200
+            ids, _ = complete("poet2")
+            assert ids == tokenizer.encode(tokenizer.decode(_peft_greedy(lm_checkpoint, adapter_dirs["poet"],
+                                                                         prompt, n)))
+    finally:
+        srv.shutdown()
