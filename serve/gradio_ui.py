@@ -57,6 +57,29 @@ def _stream(server, prompt: str, sampling):
             handle.cancel()
 
 
+def _model_choices(server) -> list[str]:
+    """The base model and every loaded LoRA adapter, as a request's "model" names them."""
+    return [server.config.model_name, *server.adapters.loaded]
+
+
+def _adapter(server, model) -> int:
+    import gradio as gr
+
+    try:
+        return server.adapters.slot_for(model or None)
+    except LookupError as e:
+        raise gr.Error(str(e.args[0])) from None
+
+
+def _model_picker(gr, server, demo):
+    """A dropdown of the base model and the loaded LoRA adapters (refreshed when the page loads: adapters
+    come and go at run time); hidden on a server without adapter slots."""
+    picker = gr.Dropdown(_model_choices(server), value=server.config.model_name, label="Model (base or LoRA adapter)",
+                         visible=bool(server.config.max_loras), elem_id="model-picker")
+    demo.load(lambda: gr.Dropdown(choices=_model_choices(server)), None, picker, api_name=False)
+    return picker
+
+
 def _settings(gr, cfg):
     with gr.Accordion("Settings", open=False):
         system = gr.Textbox(label="System prompt", lines=2)
@@ -81,19 +104,20 @@ def build_chat_ui(server):
             retry = gr.Button("Retry", elem_id="chat-retry")
             clear = gr.Button("Clear", elem_id="chat-clear")
         system, temperature, top_p, max_tokens = _settings(gr, cfg)
+        model = _model_picker(gr, server, demo)
 
         def add_user(message, history):
             if not message or not message.strip():
                 raise gr.Error("type a message first")
             return "", list(history or []) + [{"role": "user", "content": message}]
 
-        def reply(history, system, temperature, top_p, max_tokens):
+        def reply(history, system, temperature, top_p, max_tokens, model=None):
             history = list(history or [])
             if not history or history[-1]["role"] != "user":
                 return
             prompt = server.format_chat(_pairs(history[:-1]), _text(history[-1]["content"]), system or None)
             sampling = server.sampling(temperature, top_p, None, int(max_tokens), None,
-                                       stop=server.chat_stop_strings())
+                                       stop=server.chat_stop_strings(), adapter=_adapter(server, model))
             history.append({"role": "assistant", "content": ""})
             for text in _stream(server, prompt, sampling):
                 history[-1] = {"role": "assistant", "content": text}
@@ -105,7 +129,7 @@ def build_chat_ui(server):
                 history.pop()
             return history
 
-        inputs = [chatbot, system, temperature, top_p, max_tokens]
+        inputs = [chatbot, system, temperature, top_p, max_tokens, model]
         e1 = msg.submit(add_user, [msg, chatbot], [msg, chatbot], api_name="add_message").then(
             reply, inputs, chatbot, api_name="chat")
         e2 = send.click(add_user, [msg, chatbot], [msg, chatbot], api_name=False).then(
@@ -128,16 +152,18 @@ def build_instruct_ui(server):
             run = gr.Button("Run", variant="primary", elem_id="inst-run")
             stop = gr.Button("Stop", elem_id="inst-stop")
         system, temperature, top_p, max_tokens = _settings(gr, cfg)
+        model = _model_picker(gr, server, demo)
 
-        def answer(instruction, system, temperature, top_p, max_tokens):
+        def answer(instruction, system, temperature, top_p, max_tokens, model=None):
             if not instruction or not instruction.strip():
                 raise gr.Error("write an instruction first")
             prompt = server.format_instruct(system or None, instruction)
             sampling = server.sampling(temperature, top_p, None, int(max_tokens), None,
-                                       stop=server.instruct_stop_strings())
+                                       stop=server.instruct_stop_strings(), adapter=_adapter(server, model))
             yield from _stream(server, prompt, sampling)
 
-        ev = run.click(answer, [instruction, system, temperature, top_p, max_tokens], output, api_name="instruct")
+        ev = run.click(answer, [instruction, system, temperature, top_p, max_tokens, model], output,
+                       api_name="instruct")
         stop.click(None, None, None, cancels=[ev], api_name=False)
     return demo
 

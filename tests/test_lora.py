@@ -318,6 +318,17 @@ def test_server_serves_many_adapters(lm_checkpoint, tokenizer, adapter_dirs):
             assert answers[0][0] != answers[1][0] != answers[2][0]
             chat = c.post("/chat", json={"prompt": "hello", "greedy": True, "max_new_tokens": 4, "model": "poet"})
             assert chat.status_code == 200, chat.text
+            # the Gradio pages offer the adapters: the instruct page with "poet" answers as /instruct does
+            from gradio_client import Client
+
+            urls = srv.launch()
+            want = c.post("/instruct", json={"instruction": "write a loop", "greedy": True, "max_new_tokens": 8,
+                                             "model": "poet"}).json()["response"]
+            page = Client(urls["inst"], verbose=False)
+            assert page.predict("write a loop", "", 0.0, 0.9, 8, "poet", api_name="/instruct") == want
+            base = c.post("/instruct", json={"instruction": "write a loop", "greedy": True,
+                                             "max_new_tokens": 8}).json()["response"]
+            assert page.predict("write a loop", "", 0.0, 0.9, 8, api_name="/instruct") == base
 
             # bad input: each a clear 4xx, and the server goes on
             for body, status, words in [
