@@ -253,6 +253,15 @@ def cmd_plan(args) -> int:
 
     # a preset name, else a directory / config.json / hub id (only config.json is fetched)
     config = MptConfig.preset(args.model) if args.model in PRESETS else MptConfig.from_pretrained(args.model)
+    memory = parse_size(args.device_memory) if args.device_memory else None
+    if args.train:
+        from easympt.training.memory import training_plan
+
+        plan = training_plan(config, seq_len=args.seq_len, batch_size=args.batch_size, lora_rank=args.lora_rank,
+                             lora_targets=tuple(args.lora_targets.split(",")), quantize=args.quantize,
+                             dtype=args.dtype, remat=args.remat, device_memory=memory)
+        print(json.dumps(plan.to_dict()) if args.json else f"{args.model}\n{plan.summary()}")
+        return 0 if plan.fits is not False else 1
     plan = memory_plan(config, dtype=args.dtype, max_length=args.max_length, batch_size=args.batch_size,
                        mesh=args.mesh, kv_dtype=args.kv_dtype, quantize=args.quantize,
                        device_memory=parse_size(args.device_memory) if args.device_memory else None)
@@ -473,6 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-memory", dest="device_memory", default=None,
                    help="memory of one device, e.g. 16GB or 80GiB; exit status 1 when it does not fit")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the summary")
+    g = p.add_argument_group("training (--train): one optimizer step, compiled on abstract shapes")
+    g.add_argument("--train", action="store_true", help="plan a training step instead of serving")
+    g.add_argument("--seq-len", dest="seq_len", type=int, default=2048)
+    g.add_argument("--lora-rank", dest="lora_rank", type=int, default=0, help="LoRA adapters of this rank over a "
+                                                                              "frozen base (0: full fine-tuning)")
+    g.add_argument("--lora-targets", dest="lora_targets", default="Wqkv,out_proj,up_proj,down_proj")
+    g.add_argument("--no-remat", dest="remat", action="store_false", help="keep activations instead of recomputing")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("bench", help="run a benchmark against transformers (from a source checkout)")

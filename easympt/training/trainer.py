@@ -68,6 +68,26 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     return optax.MultiSteps(opt, tc.grad_accum) if tc.grad_accum > 1 else opt
 
 
+def _whole(params, frozen):
+    """The model's params from the trained ones and (a LoRA model's) frozen base."""
+    return params if frozen is None else lora.merge(frozen, params)
+
+
+def make_train_step(model: FlaxMptPreTrainedModel, optimizer: optax.GradientTransformation):
+    """step(params, opt_state, batch, rng, frozen) -> (params, opt_state, loss): one optimizer step on
+    the trained params (all of them, or a LoRA model's adapter with `frozen` its base)."""
+    c = model.config
+    deterministic = not (c.attn_config.attn_pdrop or c.resid_pdrop or c.emb_pdrop
+                         or (model.lora is not None and model.lora.dropout))
+
+    def train_step(params, opt_state, batch, rng, frozen):
+        loss, grads = jax.value_and_grad(lambda p: model.loss(_whole(p, frozen), batch, rng, deterministic))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return train_step
+
+
 class Trainer:
     """Trains `params` on packed rows; checkpoints under `<output_dir>/checkpoints/<step>`."""
 
@@ -117,21 +137,9 @@ class Trainer:
         self.manager = ocp.CheckpointManager(
             os.path.join(os.path.abspath(tc.output_dir), "checkpoints"),
             options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep_last, create=True))
-        deterministic = not (model.config.attn_config.attn_pdrop or model.config.resid_pdrop
-                             or model.config.emb_pdrop)
-
-        deterministic = deterministic and not (model.lora is not None and model.lora.dropout)
-
-        def whole(params, frozen):
-            return params if frozen is None else lora.merge(frozen, params)
-
-        def train_step(params, opt_state, batch, rng, frozen):
-            loss, grads = jax.value_and_grad(lambda p: model.loss(whole(p, frozen), batch, rng, deterministic))(params)
-            updates, opt_state = self.optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
+        train_step = make_train_step(model, self.optimizer)
         self._train_step = jax.jit(train_step, donate_argnums=(0, 1))
-        self._eval_loss = jax.jit(lambda p, b, frozen: model.loss(whole(p, frozen), b, jax.random.PRNGKey(0), True))
+        self._eval_loss = jax.jit(lambda p, b, frozen: model.loss(_whole(p, frozen), b, jax.random.PRNGKey(0), True))
 
     def _init_optimizer_state(self):
         """Moments sharded as their parameters, step counts replicated over the mesh. (A plain jitted init
