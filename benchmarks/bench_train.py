@@ -2,6 +2,11 @@
 transformers' MptForCausalLM, same weights, batch, sequence length and optimizer.
 
     python benchmarks/bench_train.py [--geometry mpt-125m] [--batch 4] [--seq-len 256] [--steps 4]
+    python benchmarks/bench_train.py --lora 16 [--lora-targets Wqkv,out_proj,up_proj,down_proj]
+
+`--lora R`: LoRA of rank R on both sides (easympt's adapters; PEFT's on transformers), only the
+adapters trained. Peak RSS of each process is reported (easympt's includes writing the peer's
+checkpoint, so it is an upper bound).
 
 Both sides run AdamW with global-norm clipping in float32 on random tokens;
 the peer (benchmarks/peers.py transformers-train) runs in a child process with the same thread count,
@@ -62,6 +67,8 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    ap.add_argument("--lora-targets", default="Wqkv,out_proj,up_proj,down_proj")
     args = ap.parse_args()
 
     import jax
@@ -71,6 +78,14 @@ def main() -> int:
 
     config = MptConfig.preset(args.geometry, max_seq_len=max(args.seq_len, 2048))
     model = FlaxMptForCausalLM(config, seed=0)
+    base_params = model.params
+    trained = model.params
+    if args.lora:
+        from easympt.adapters import LoraSpec, lora
+
+        spec = LoraSpec(rank=args.lora, alpha=2.0 * args.lora, targets=tuple(args.lora_targets.split(",")))
+        model = FlaxMptForCausalLM(config, _do_init=False, lora=spec)
+        trained = lora.merge(base_params, lora.init_adapter(model, jax.random.PRNGKey(0)))
     rng = np.random.default_rng(0)
     n = args.batch * (args.steps + 1)
     rows = {"input_ids": rng.integers(0, config.vocab_size, (n, args.seq_len)).astype(np.int32),
@@ -81,15 +96,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tc = TrainConfig(output_dir=os.path.join(tmp, "run"), seq_len=args.seq_len, batch_size=args.batch,
                          max_steps=args.steps + 2, save_every=10**9, learning_rate=1e-4, warmup_steps=1)
-        trainer = Trainer(model, model.params, rows, tc)
+        trainer = Trainer(model, trained, rows, tc)
         with contextlib.ExitStack() as stack:
             peer = None
             if not args.skip_torch:
                 from easympt.transform import mpt_to_pretrained
 
-                path = mpt_to_pretrained(model.params, config, os.path.join(tmp, "hf"))
+                path = mpt_to_pretrained(base_params, config, os.path.join(tmp, "hf"))
+                lora_flags = ["--lora-rank", str(args.lora), "--lora-targets", args.lora_targets] if args.lora else []
                 peer = stack.enter_context(Peer("transformers-train", path, "--batch", str(args.batch),
-                                                "--seq-len", str(args.seq_len)))
+                                                "--seq-len", str(args.seq_len), *lora_flags))
             t0 = time.perf_counter()
             trainer.train(stop_at=1)  # compile + first step
             compile_s = time.perf_counter() - t0
@@ -101,18 +117,29 @@ def main() -> int:
                 jax.block_until_ready(trainer.params)
                 return time.perf_counter() - t0
 
-            steps = {"easympt": our_step, **({"transformers": lambda: peer.request()["seconds"]} if peer else {})}
+            last = {}
+
+            def their_step():
+                last.update(peer.request())
+                return last["seconds"]
+
+            steps = {"easympt": our_step, **({"transformers": their_step} if peer else {})}
             times = in_turns(steps, args.steps, warmup=0)  # one step each, in turns
-        ours = {"step_s": float(np.median(times["easympt"])), "compile_and_first_step_s": compile_s}
+        import resource
+
+        ours = {"step_s": float(np.median(times["easympt"])), "compile_and_first_step_s": compile_s,
+                "trained_params": sum(x.size for x in jax.tree_util.tree_leaves(trainer.params)),
+                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
         ours["tokens_per_s"] = tokens_per_step / ours["step_s"]
         flops = step_flops(config, args.batch, args.seq_len)
         peak = matmul_peak_flops()
         ours["fraction_of_matmul_peak"] = flops / ours["step_s"] / peak
-        result = {"geometry": args.geometry, "batch": args.batch, "seq_len": args.seq_len,
+        result = {"geometry": args.geometry, "batch": args.batch, "seq_len": args.seq_len, "lora_rank": args.lora,
                   "backend": jax.default_backend(), "step_gflop": flops / 1e9, "matmul_peak_gflop_s": peak / 1e9,
                   "easympt": ours}
         if peer:
-            theirs = {**peer.info, "step_s": float(np.median(times["transformers"])), "loss0": peer_first["loss"]}
+            theirs = {**peer.info, "step_s": float(np.median(times["transformers"])), "loss0": peer_first["loss"],
+                      "peak_rss_gb": last["peak_rss_gb"]}
             theirs["tokens_per_s"] = tokens_per_step / theirs["step_s"]
             theirs["fraction_of_matmul_peak"] = flops / theirs["step_s"] / peak
             result["transformers"] = theirs
@@ -124,6 +151,8 @@ def main() -> int:
     print(f"{'step s':28s}{ours['step_s']:10.2f}{peer.get('step_s', float('nan')):14.2f}")
     print(f"{'of the matmul peak':28s}{ours['fraction_of_matmul_peak']:10.0%}"
           f"{peer.get('fraction_of_matmul_peak', float('nan')):14.0%}")
+    print(f"{'peak RSS GB':28s}{ours['peak_rss_gb']:10.2f}{peer.get('peak_rss_gb', float('nan')):14.2f}")
+    print(f"{'trained params':28s}{ours['trained_params']:10d}{peer.get('trained_params', 0):14d}")
     print(f"step: {result['step_gflop']:.0f} GFLOP; best GEMM here (compute dtype): {result['matmul_peak_gflop_s']:.0f} GFLOP/s")
     print(json.dumps(result))
     return 0

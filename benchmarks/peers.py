@@ -162,8 +162,11 @@ def transformers_generate(ckpt: str, prompts: dict, dtype: str):
     return run, {"keys": ["b1", "b8"], "threads": torch.get_num_threads(), "device": device, "dtype": dtype}
 
 
-def transformers_train(ckpt: str, batch: int, seq_len: int):
-    """(answer, ready line) for `serve`: each request runs and times one optimizer step."""
+def transformers_train(ckpt: str, batch: int, seq_len: int, lora_rank: int = 0, lora_targets: str = "Wqkv"):
+    """(answer, ready line) for `serve`: each request runs and times one optimizer step. `lora_rank`:
+    PEFT's LoRA on `lora_targets` (comma-separated), only the adapters trained, as PEFT's users do."""
+    import resource
+
     import torch
     from transformers import MptForCausalLM
 
@@ -171,8 +174,14 @@ def transformers_train(ckpt: str, batch: int, seq_len: int):
     gpu = device == "cuda"
     torch.manual_seed(0)
     model = MptForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(device)
+    if lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                                 target_modules=lora_targets.split(",")))
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=gpu)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.0, fused=gpu)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
 
@@ -181,14 +190,16 @@ def transformers_train(ckpt: str, batch: int, seq_len: int):
         with amp:
             out = model(input_ids=ids, labels=ids)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if gpu:
             torch.cuda.synchronize()
-        return {"seconds": time.perf_counter() - t0, "loss": float(out.loss)}
+        return {"seconds": time.perf_counter() - t0, "loss": float(out.loss),
+                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
 
-    return step, {"threads": torch.get_num_threads(), "device": device}
+    return step, {"threads": torch.get_num_threads(), "device": device,
+                  "trained_params": sum(p.numel() for p in trained)}
 
 
 # --------------------------------------------------------------------- command line
@@ -203,6 +214,8 @@ def main() -> int:
     train.add_argument("ckpt")
     train.add_argument("--batch", type=int, default=4)
     train.add_argument("--seq-len", type=int, default=256)
+    train.add_argument("--lora-rank", type=int, default=0)
+    train.add_argument("--lora-targets", default="Wqkv")
     llama = sub.add_parser("llama-cpp")
     llama.add_argument("ckpt")
     llama.add_argument("--prompts", required=True)
@@ -211,7 +224,7 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.peer == "transformers-train":
-        serve(lambda: transformers_train(args.ckpt, args.batch, args.seq_len))
+        serve(lambda: transformers_train(args.ckpt, args.batch, args.seq_len, args.lora_rank, args.lora_targets))
         return 0
     prompts = json.load(open(args.prompts))
     if args.peer == "transformers-generate":

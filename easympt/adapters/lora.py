@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from easympt.kernels.linear import flat_tokens
+
 TARGETS = ("Wqkv", "out_proj", "up_proj", "gate_proj", "down_proj")  # MPT's dense layers
 ROWS = "lora_rows"  # the variable collection that says which served adapter each row uses
 
@@ -83,7 +85,7 @@ class LoraDense(nn.Module):
             b = self.param("lora_b", nn.initializers.zeros_init(), (r, N), jnp.float32)
             h = nn.Dropout(self.spec.dropout)(x, deterministic=self.deterministic or not self.spec.dropout)
             dtype = y.dtype
-            delta = (h.astype(dtype) @ a.astype(dtype)) @ b.astype(dtype)
+            delta = flat_tokens(lambda t: (t.astype(dtype) @ a.astype(dtype)) @ b.astype(dtype), h)
             return y + delta * jnp.asarray(self.spec.scale, dtype)
         a = self.param("lora_a", nn.initializers.zeros_init(), (L, K, r), jnp.float32)
         b = self.param("lora_b", nn.initializers.zeros_init(), (L, r, N), jnp.float32)
