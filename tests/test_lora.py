@@ -390,3 +390,18 @@ def test_training_plan_at_mpt_7b_shapes():
     assert plan.frozen_bytes == pytest.approx(3.83e9, rel=0.01)
     assert plan.argument_bytes < plan.frozen_bytes + 0.5e9
     assert plan.fits is (plan.peak_bytes <= 16e9)
+
+
+def test_cli_train_lora_and_serve_flags(lm_checkpoint, tmp_path, capsys):
+    from easympt.cli import _name_and_dir, main
+
+    (tmp_path / "d.txt").write_text(TEXT)
+    rc = main(["train", lm_checkpoint, "--data", str(tmp_path / "d.txt"), "--output-dir", str(tmp_path / "run"),
+               "--seq-len", "48", "--batch-size", "2", "--max-steps", "2", "--save-every", "2", "--lora-rank", "2",
+               "--lora-targets", "Wqkv,down_proj", "--quantize", "int8"])
+    assert rc == 0
+    spec = read_spec(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["adapter"])
+    assert spec.rank == 2 and spec.alpha == 4.0 and spec.targets == ("Wqkv", "down_proj")
+    assert _name_and_dir("a=/x/y") == ("a", "/x/y")
+    with pytest.raises(ValueError, match="NAME=DIR"):
+        _name_and_dir("just-a-dir")
