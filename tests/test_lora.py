@@ -364,17 +364,17 @@ def test_training_plan_counts_what_each_method_trains():
     from easympt import MptConfig
     from easympt.training.memory import training_plan
 
-    c = MptConfig.preset("mpt-125m")
-    full = training_plan(c, seq_len=256, lora_rank=0)
-    lo = training_plan(c, seq_len=256, lora_rank=8)
-    q = training_plan(c, seq_len=256, lora_rank=8, quantize="int8")
+    c = MptConfig.preset("mpt-125m", n_layers=2)
+    full = training_plan(c, seq_len=128, lora_rank=0)
+    lo = training_plan(c, seq_len=128, lora_rank=8)
+    q = training_plan(c, seq_len=128, lora_rank=8, quantize="int8")
     assert full.trained_params == sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
         __import__("easympt").FlaxMptForCausalLM(c, _do_init=False).params_shape()))
     per_layer = 8 * (768 + 3 * 768) + 8 * (768 + 768) + 8 * (768 + 3072) * 2  # r (in + out) per target
-    assert lo.trained_params == q.trained_params == 12 * per_layer
+    assert lo.trained_params == q.trained_params == 2 * per_layer
     assert lo.optimizer_bytes == pytest.approx(2 * 4 * lo.trained_params, abs=64)
     assert q.frozen_bytes < 0.6 * lo.frozen_bytes  # int8 matrices under bf16 norms and embedding
-    assert lo.peak_bytes < 0.6 * full.peak_bytes and q.peak_bytes < lo.peak_bytes
+    assert lo.peak_bytes < 0.7 * full.peak_bytes and q.peak_bytes < lo.peak_bytes
 
 
 def test_training_plan_at_mpt_7b_shapes():
