@@ -3,6 +3,7 @@ and a soak run (many requests, random disconnects) that checks for server
 errors and RSS growth. Everything talks to 127.0.0.1 only.
 
     python benchmarks/bench_server.py [--model DIR] [--max-tokens 64] [--soak 1000]
+    python benchmarks/bench_server.py --loras 8     # 16 clients spread over 8 LoRA adapters vs the base alone
 
 There is no peer here (benchmarks/peers.py says why). The figures that matter: scaling (aggregate
 tok/s at 16 clients over 1 client, target >= 4x) and what streaming costs, measured against the same
@@ -35,9 +36,10 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def one_stream(client: httpx.AsyncClient, i: int, max_tokens: int, disconnect_after: int | None = None):
+async def one_stream(client: httpx.AsyncClient, i: int, max_tokens: int, disconnect_after: int | None = None,
+                     model: str | None = None):
     body = {"prompt": f"def function_{i}(x):", "max_tokens": max_tokens, "temperature": 0.8, "seed": i,
-            "stream": True}
+            "stream": True, **({"model": model} if model else {})}
     t0 = time.perf_counter()
     ttft, gaps, last, tokens = None, [], None, 0
     async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -87,10 +89,15 @@ async def plain_step(url: str, max_tokens: int, reps: int = 3) -> dict:
     return {"ttft_s": ttft, "step_s": steps[reps // 2]}
 
 
-async def load(url: str, clients: int, requests_per_client: int, max_tokens: int, stream: bool = True) -> dict:
-    one = one_stream if stream else one_plain
+async def load(url: str, clients: int, requests_per_client: int, max_tokens: int, stream: bool = True,
+               models: list[str] | None = None) -> dict:
+    """`models`: client w asks for models[w % len(models)] (LoRA adapters by name; streaming only)."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         async def worker(w):
+            if models:
+                return [await one_stream(client, w * 1000 + k, max_tokens, model=models[w % len(models)])
+                        for k in range(requests_per_client)]
+            one = one_stream if stream else one_plain
             return [await one(client, w * 1000 + k, max_tokens) for k in range(requests_per_client)]
         t0 = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(w) for w in range(clients))) for r in rs]
@@ -129,6 +136,48 @@ async def soak(url: str, n: int, concurrency: int, max_tokens: int, rss) -> dict
             "rss_growth": (end - rss_after_warmup) / rss_after_warmup}
 
 
+def random_adapters(model: str, n: int, root: str) -> dict[str, str]:
+    """n random rank-8 adapters on all four dense layers of `model`, in PEFT's format: {name: dir}."""
+    import jax
+
+    from easympt import MptConfig
+    from easympt.adapters import LoraSpec, save_adapter
+    from easympt.adapters.peft_format import layer_dims
+
+    config = MptConfig.from_pretrained(model)
+    spec = LoraSpec(rank=8, alpha=16.0, targets=("Wqkv", "out_proj", "up_proj", "down_proj"))
+    out = {}
+    for k in range(n):
+        rng = jax.random.PRNGKey(k)
+        tree = {"transformer": {}}
+        for i in range(config.n_layers):
+            block = tree["transformer"][f"blocks_{i}"] = {"attn": {}, "ffn": {}}
+            for t in spec.targets:
+                K, N = layer_dims(config)[t]
+                rng, ka, kb = jax.random.split(rng, 3)
+                block["attn" if t in ("Wqkv", "out_proj") else "ffn"][t] = {
+                    "lora_a": jax.random.normal(ka, (K, 8)) / K ** 0.5, "lora_b": 0.02 * jax.random.normal(kb, (8, N))}
+        out[f"adapter{k}"] = save_adapter(tree, spec, f"{root}/adapter{k}")
+    return out
+
+
+def lora_load(server, args) -> int:
+    """16 streaming clients spread over the adapters against 16 on the base model, in turns."""
+    names = list(server.config.lora_modules)
+    asyncio.run(load(server.url, 16, 1, args.max_tokens, models=names))  # warm-up
+    asyncio.run(load(server.url, 16, 1, args.max_tokens))
+    rounds = in_turns({"adapters": lambda: asyncio.run(load(server.url, 16, args.requests_per_client,
+                                                             args.max_tokens, models=names))["tok_s"],
+                       "base": lambda: asyncio.run(load(server.url, 16, args.requests_per_client,
+                                                         args.max_tokens))["tok_s"]}, 3, warmup=0)
+    adapters, base = (statistics.median(rounds[k]) for k in ("adapters", "base"))
+    print(f"16 clients over {len(names)} LoRA adapters: {adapters:.1f} tok/s; on the base model alone: {base:.1f} "
+          f"tok/s; ratio {adapters / base:.2f} (target >= 0.8; medians of 3 rounds in turns)")
+    print(json.dumps({**machine(), "loras": len(names), "adapters_tok_s_16": adapters, "base_tok_s_16": base,
+                      "ratio": adapters / base, "decode_steps": args.decode_steps, "max_tokens": args.max_tokens}))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint dir (default: the offline demo checkpoint)")
@@ -137,17 +186,29 @@ def main() -> int:
     ap.add_argument("--soak", type=int, default=1000, help="soak requests (0 to skip)")
     ap.add_argument("--decode-steps", type=int, default=1,
                     help="engine steps per dispatch (1: every token streams as it is made)")
+    ap.add_argument("--loras", type=int, default=0,
+                    help="serve this many random rank-8 LoRA adapters and time 16 clients spread over them against "
+                         "16 clients of the base model, in turns (the only measurement then)")
     args = ap.parse_args()
 
     from easympt.demo import demo_checkpoint
     from easympt.serve import MPTJaxServer
 
     model = args.model or demo_checkpoint()
-    server = MPTJaxServer.from_pretrained(model, config={"port": 0, "batch_size": 16, "max_length": 512,
-                                                         "max_new_tokens": args.max_tokens,
-                                                         "max_compile_tokens": 16, "max_queue": 256,
-                                                         "decode_steps": args.decode_steps})
+    config = {"port": 0, "batch_size": 16, "max_length": 512, "max_new_tokens": args.max_tokens,
+              "max_compile_tokens": 16, "max_queue": 256, "decode_steps": args.decode_steps}
+    if args.loras:
+        import tempfile
+
+        config["lora_modules"] = random_adapters(model, args.loras, tempfile.mkdtemp())
+        config["max_lora_rank"] = 8
+    server = MPTJaxServer.from_pretrained(model, config=config)
     server.fire()
+    if args.loras:
+        try:
+            return lora_load(server, args)
+        finally:
+            server.shutdown()
 
     def rss() -> int:  # this process holds the server: its resident set
         with open("/proc/self/statm") as fh:
