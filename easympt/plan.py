@@ -23,6 +23,19 @@ from easympt.sharding import MESH_AXES, logical_spec, named_sharding, shardings_
 GB = 10**9
 
 
+def gigabytes(n: int) -> str:
+    return f"{n / GB:,.2f} GB"
+
+
+def device_memory_line(used: int, device_memory: int | None, what: str = "") -> list[str]:
+    """The summary line that says whether `used` bytes fit `device_memory` (none without a memory)."""
+    if device_memory is None:
+        return []
+    verdict = "fits" if used <= device_memory else "does NOT fit"
+    share = f"{used / device_memory:.0%}" + (f" used by {what}" if what else "")
+    return [f"device memory     {gigabytes(device_memory)}: {verdict} ({share})"]
+
+
 def parse_mesh(mesh: str | tuple | dict | None) -> dict[str, int]:
     """'1,8,2,1' (dp,fsdp,tp,sp), a tuple, or {'fsdp': 8, 'tp': 2} -> {axis: size} over MESH_AXES."""
     if mesh is None:
@@ -87,7 +100,7 @@ class MemoryPlan:
                 "notes": self.notes}
 
     def summary(self) -> str:
-        g = lambda b: f"{b / GB:,.2f} GB"  # noqa: E731
+        g = gigabytes
         lines = [
             f"parameters        {self.n_params / 1e9:,.3f} B = {g(self.param_bytes)} in {self.dtype}",
             f"KV cache          {self.kv_bytes_per_token / 2**20:,.3f} MiB per token ({self.kv_dtype}), "
@@ -97,10 +110,7 @@ class MemoryPlan:
             f"per device        {g(self.device_param_bytes)} weights + {g(self.device_kv_bytes)} KV cache = "
             f"{g(self.device_bytes)} (activations and compiler scratch come on top)",
         ]
-        if self.device_memory is not None:
-            verdict = "fits" if self.fits else "does NOT fit"
-            lines.append(f"device memory     {g(self.device_memory)}: {verdict} "
-                         f"({self.device_bytes / self.device_memory:.0%} used by weights + cache)")
+        lines += device_memory_line(self.device_bytes, self.device_memory, "weights + cache")
         lines += [f"note              {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from easympt.config import MptConfig
-
-GB = 10**9
+from easympt.plan import device_memory_line, gigabytes
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class TrainingPlan:
                 "device_memory": self.device_memory, "fits": self.fits}
 
     def summary(self) -> str:
-        g = lambda b: f"{b / GB:,.2f} GB"  # noqa: E731
+        g = gigabytes
         lines = [
             f"training          {self.method}, batch {self.batch_size} x {self.seq_len} tokens",
             f"trained           {self.trained_params / 1e6:,.2f} M params = {g(self.trained_bytes)}, "
@@ -65,11 +64,7 @@ class TrainingPlan:
             f"compiled step     arguments {g(self.argument_bytes)} + temporaries {g(self.temp_bytes)} + outputs "
             f"{g(self.output_bytes)} - donated {g(self.alias_bytes)} = peak {g(self.peak_bytes)}",
         ]
-        if self.device_memory is not None:
-            verdict = "fits" if self.fits else "does NOT fit"
-            lines.append(f"device memory     {g(self.device_memory)}: {verdict} "
-                         f"({self.peak_bytes / self.device_memory:.0%})")
-        return "\n".join(lines)
+        return "\n".join(lines + device_memory_line(self.peak_bytes, self.device_memory))
 
 
 def _bytes(tree) -> int:
