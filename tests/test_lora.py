@@ -378,9 +378,9 @@ def test_training_plan_counts_what_each_method_trains():
 
 
 def test_training_plan_at_mpt_7b_shapes():
-    """QLoRA of mpt-7b at 2,048 tokens on abstract shapes: the adapter and its optimizer state are
-    exact, and the compiled step's peak is reported (on this CPU backend it holds a float32 copy of every
-    layer's dequantized weights: 38.95 GB, not yet the 16 GB a GPU user wants)."""
+    """QLoRA of mpt-7b at 2,048 tokens, batch 1, on abstract shapes: the adapter and its optimizer state
+    are exact, and the compiled step fits one 16 GB GPU (11.43 GB when written; 38.95 GB while XLA kept
+    every layer's dequantized weights for the whole step: see recompute_in_backward)."""
     from easympt import MptConfig
     from easympt.training.memory import training_plan
 
@@ -389,7 +389,7 @@ def test_training_plan_at_mpt_7b_shapes():
     assert plan.trained_params == 32 * 16 * ((4096 + 3 * 4096) + (4096 + 4096) + 2 * (4096 + 4 * 4096))
     assert plan.frozen_bytes == pytest.approx(3.83e9, rel=0.01)
     assert plan.argument_bytes < plan.frozen_bytes + 0.5e9
-    assert plan.fits is (plan.peak_bytes <= 16e9)
+    assert plan.fits, plan.summary()
 
 
 def test_cli_train_lora_and_serve_flags(lm_checkpoint, tmp_path, capsys):
