@@ -208,7 +208,7 @@ def cmd_serve(args) -> int:
         overrides["max_new_tokens"] = args.max_new_tokens
     if args.lora:
         overrides["lora_modules"] = dict(_name_and_dir(spec) for spec in args.lora)
-    for key in ("max_loras", "max_lora_rank"):
+    for key in ("max_loras", "max_lora_rank", "prefix_cache_bytes"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.mesh:
@@ -392,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode steps per engine dispatch (1: stream every token as it is made)")
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="longer prompts are prefilled this many tokens at a time, between other requests' decode steps")
+    p.add_argument("--prefix-cache-bytes", dest="prefix_cache_bytes", type=int, default=None,
+                   help="automatic prefix cache: bytes of KV kept from earlier prompts and replies, reused by "
+                        "requests that start the same (a chat's history, a shared system prompt); default 512 MiB, "
+                        "0 turns it off")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="serve a LoRA adapter (PEFT's format) as model NAME; repeatable; a request picks it with "
                         "\"model\": NAME")

@@ -66,7 +66,13 @@ class AdapterRegistry:
                 raise AdapterError(f"a LoRA adapter named {name!r} is already loaded; unload it first")
             slot = self._free_slot()
             entry = LoadedAdapter(name, path, slot, spec.rank, spec.targets, int(time.time()))
-            self.server.scheduler.on_engine(lambda: self.server.engine.set_adapter(slot, tree, spec))
+            scheduler = self.server.scheduler
+
+            def put():  # the slot's new weights: KV cached under its old ones no longer applies
+                self.server.engine.set_adapter(slot, tree, spec)
+                scheduler.forget_prefixes(slot)
+
+            scheduler.on_engine(put)
             self.loaded[name] = entry
         return entry
 

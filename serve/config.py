@@ -36,6 +36,9 @@ class JaxServerConfig(BaseModel):
     max_lora_rank: int = Field(16, ge=1, le=256, description="the largest adapter rank the slots hold")
     lora_modules: dict[str, str] = Field(default_factory=dict, description="LoRA adapters to load at start-up: "
                                                                            "name -> PEFT adapter directory")
+    prefix_cache_bytes: int = Field(512 * 2**20, ge=0, description="automatic prefix cache: bytes of KV kept "
+                                    "from earlier prompts and replies for requests that start the same (at most "
+                                    "4 full contexts per decode slot); 0 turns it off")
     use_prefix_tokenizer: bool = True
     pre_compile: bool = True
     stream_tokens_for_gradio: bool = True

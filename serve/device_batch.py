@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from easympt.distributed import to_host
 from easympt.generation.engine import ChunkedPrefill, GenerationEngine, Prefix
+from easympt.generation.prefix_cache import BlockPool
 from easympt.generation.sampling import SamplingConfig, TokenLogprobs
 
 
@@ -41,8 +42,10 @@ class Dispatched:
 
 
 class DeviceBatch:
-    def __init__(self, engine: GenerationEngine, batch_size: int, eos_ids: tuple[int, ...]):
+    def __init__(self, engine: GenerationEngine, batch_size: int, eos_ids: tuple[int, ...], prefix_blocks: int = 0):
+        """prefix_blocks: blocks of the prefix cache's pool (easympt.generation.prefix_cache; 0: none)."""
         self.engine, self.batch_size, self.eos_ids = engine, batch_size, tuple(eos_ids)
+        self.pool = BlockPool(engine, prefix_blocks, engine.max_compile_tokens) if prefix_blocks else None
         self.state = None
         self.long: dict[int, ChunkedPrefill] = {}  # slot -> a long prompt being prefilled chunk by chunk
         self.in_flight: list = []  # decode dispatches not yet read, oldest first
@@ -53,6 +56,8 @@ class DeviceBatch:
         self.state = self.engine.empty_state(self.batch_size)
         self.cache_len = self.state.cache.max_length
         self.long, self.in_flight = {}, []
+        if self.pool is not None:  # the scheduler forgets its index on every reset too
+            self.pool.clear()
 
     def ping(self) -> None:
         """Nothing: sent to the followers while idle, it shows whether they still answer."""
@@ -64,6 +69,19 @@ class DeviceBatch:
 
     def start_long(self, slot: int, prompt: list[int], config: SamplingConfig) -> None:
         self.long[slot] = self.engine.start_prefill([prompt], [config], self.eos_ids, cache_len=self.cache_len)
+
+    def start_cached(self, slot: int, prompt: list[int], config: SamplingConfig, blocks: list[int],
+                     reused: int) -> None:
+        """Start slot's prompt from its first `reused` tokens' KV in the prefix pool's `blocks`; the
+        rest prefills chunk by chunk (`chunk`) as a long prompt does."""
+        cached = self.pool.load(blocks, reused, self.cache_len)
+        self.long[slot] = self.engine.start_prefill([prompt], [config], self.eos_ids, cache_len=self.cache_len,
+                                                    cached=cached)
+
+    def save_prefix(self, slot: int, start: int, blocks: list[tuple[int, int]]) -> None:
+        """Copy decode row `slot`'s token blocks (its first token at cache slot `start`) into the prefix
+        pool: blocks [(block position, pool id)] (PrefixIndex.insert)."""
+        self.pool.save(self.state.cache, slot, start, blocks)
 
     def drop_long(self, slot: int) -> None:
         self.long.pop(slot, None)

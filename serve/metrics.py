@@ -21,5 +21,24 @@ class ServerMetrics:
         self.inter_token = Histogram("easympt_inter_token_latency_seconds", "decode time per token step",
                                      buckets=LATENCY_BUCKETS, registry=self.registry)
 
+        self.prefix_hits = Counter("easympt_prefix_cache_hits", "requests that reused cached prefix KV",
+                                   registry=self.registry)
+        self.prefix_misses = Counter("easympt_prefix_cache_misses", "requests with no cached prefix worth reusing",
+                                     registry=self.registry)
+        self.prefix_reused = Counter("easympt_prefix_cache_reused_tokens", "prompt tokens not prefilled again",
+                                     registry=self.registry)
+        self.prefix_evictions = Counter("easympt_prefix_cache_evictions", "blocks evicted (least recently used)",
+                                        registry=self.registry)
+        self.prefix_blocks = Gauge("easympt_prefix_cache_blocks", "blocks the prefix cache holds",
+                                   registry=self.registry)
+
+    def prefix_lookup(self, reused_tokens: int) -> None:
+        (self.prefix_hits if reused_tokens else self.prefix_misses).inc()
+        self.prefix_reused.inc(reused_tokens)
+
+    def prefix_stored(self, evicted: int, used_blocks: int) -> None:
+        self.prefix_evictions.inc(evicted)
+        self.prefix_blocks.set(used_blocks)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -229,6 +229,7 @@ def build_app(server) -> FastAPI:
             "lora_adapters": {a.name: {"path": a.path, "rank": a.rank, "targets": list(a.targets)}
                               for a in server.adapters.loaded.values()},
             "max_loras": cfg.max_loras, "max_lora_rank": cfg.max_lora_rank if cfg.max_loras else None,
+            "prefix_cache": server.scheduler.prefix.stats() if server.scheduler.prefix else None,
             "model_config": {"d_model": m.d_model, "n_heads": m.n_heads, "n_layers": m.n_layers,
                              "vocab_size": m.vocab_size, "max_seq_len": m.max_seq_len},
         }

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from easympt.generation.engine import GenerationEngine
+from easympt.generation.prefix_cache import PrefixIndex
 from easympt.generation.sampling import SamplingConfig
 from easympt.generation.text import IncrementalText
 from easympt.serve.device_batch import Admitted, DeviceBatch
@@ -117,6 +118,8 @@ class _Slot:
     handle: RequestHandle
     text: IncrementalText
     prefilling: bool = False  # a long prompt still being prefilled, one chunk per engine step
+    start: int = 0  # the cache slot of the prompt's first token (prompts are left padded to their shapes)
+    completion: list[int] = field(default_factory=list)  # token ids delivered so far
 
 
 class Scheduler:
@@ -124,12 +127,14 @@ class Scheduler:
 
     def __init__(self, engine: GenerationEngine, tokenizer, batch_size: int, eos_ids: tuple[int, ...],
                  max_queue: int = 64, request_timeout_s: float = 600.0, metrics=None, decode_steps: int = 1,
-                 device=None):
+                 device=None, prefix: PrefixIndex | None = None):
         """device: the DeviceBatch to drive (default: a new one; a multi-process server passes the
-        lockstep.Leader that also sends every call to the other processes)."""
+        lockstep.Leader that also sends every call to the other processes). prefix: the prefix cache's
+        index over the device's block pool (None: no prefix cache)."""
         self.engine, self.tokenizer = engine, tokenizer
         self.device = device if device is not None else DeviceBatch(engine, batch_size, eos_ids)
         self.lockstep = isinstance(self.device, Leader)
+        self.prefix = prefix
         self.batch_size = batch_size
         self.request_timeout_s = request_timeout_s
         self.metrics = metrics
@@ -184,6 +189,11 @@ class Scheduler:
             except BaseException as e:  # noqa: BLE001 - the caller gets it
                 future.set_exception(e)
 
+    def forget_prefixes(self, namespace: int) -> None:
+        """Drop the prefix cache's blocks made under adapter slot `namespace` (engine thread)."""
+        if self.prefix is not None:
+            self.prefix.drop_namespace(namespace)
+
     def adapters_in_use(self) -> set[int]:
         """The LoRA adapter slots running or waiting requests use."""
         handles = [s.handle for s in self.slots if s is not None] + list(self.waiting.queue)
@@ -191,7 +201,7 @@ class Scheduler:
 
     def start(self) -> None:
         if self._thread is None:
-            self.device.reset()
+            self._reset_device()
             self._thread = threading.Thread(target=self._loop, name="easympt-engine", daemon=True)
             self._thread.start()
 
@@ -251,7 +261,12 @@ class Scheduler:
                     return
                 log.exception("engine step failed")
                 self._end_all("error", f"generation failed: {e}", waiting=False)
-                self.device.reset()
+                self._reset_device()
+
+    def _reset_device(self) -> None:
+        self.device.reset()
+        if self.prefix is not None:  # the pool is new and empty
+            self.prefix.clear()
 
     def _admit(self, first: RequestHandle | None = None) -> None:
         """Start waiting requests while decode slots are free: long prompts as chunked prefills, the
@@ -269,15 +284,52 @@ class Scheduler:
                 self.metrics.queue_depth.set(self.waiting.qsize())
             if handle.cancelled.is_set():
                 handle.put(Event(finish_reason="cancelled"))
+            elif self._start_cached(handle):
+                pass
             elif len(handle.prompt_ids) > self.engine.prefill_chunk:  # chunk by chunk, between decode steps
                 slot = self.slots.index(None)
                 self.device.start_long(slot, handle.prompt_ids, handle.sampling)
                 self.slots[slot] = _Slot(handle, IncrementalText(self.tokenizer, handle.sampling.stop),
-                                         prefilling=True)
+                                         prefilling=True, start=self._padding(len(handle.prompt_ids)))
             else:
                 batch.append(handle)
         if batch:
             self._start_batch(batch)
+
+    def _padding(self, n_prompt: int, longest: int | None = None) -> int:
+        """Pad slots before a prompt of n_prompt tokens prefilled with prompts up to `longest` long."""
+        return self.engine.padded_length(longest or n_prompt) - n_prompt
+
+    def _start_cached(self, handle: RequestHandle) -> bool:
+        """Start `handle` from the KV of its prompt's longest cached prefix, if the prefix cache holds
+        one worth using; the rest prefills as a long prompt's chunks do. Prompts whose own scores
+        are asked for (echo) prefill whole: their scores come from the prefill pass."""
+        if self.prefix is None or handle.sampling.prompt_logprobs:
+            return False
+        ids, namespace = handle.prompt_ids, handle.sampling.adapter
+        blocks = self.prefix.lookup(ids, namespace)
+        reused = self.engine.prefix_reuse(len(ids), len(blocks) * self.prefix.block_tokens)
+        self.prefix.count(reused > 0, reused)
+        if self.metrics:
+            self.metrics.prefix_lookup(reused)
+        if not reused:
+            return False
+        slot = self.slots.index(None)
+        self.device.start_cached(slot, ids, handle.sampling, blocks[:-(-reused // self.prefix.block_tokens)], reused)
+        self.slots[slot] = _Slot(handle, IncrementalText(self.tokenizer, handle.sampling.stop), prefilling=True)
+        return True
+
+    def _remember(self, slot: int, tokens: list[int], namespace: int, start: int) -> None:
+        """Put the whole token blocks of decode row `slot` (`tokens` from cache slot `start` on) that the
+        prefix cache lacks into it."""
+        if self.prefix is None:
+            return
+        evicted = self.prefix.evictions
+        blocks = self.prefix.insert(tokens, namespace)
+        if blocks:
+            self.device.save_prefix(slot, start, blocks)
+        if self.metrics:
+            self.metrics.prefix_stored(self.prefix.evictions - evicted, self.prefix.used_blocks)
 
     def _start_batch(self, handles: list[RequestHandle]) -> None:
         """One prefill for several requests. Its row count is 1 or the batch size (dummy rows fill
@@ -291,7 +343,8 @@ class Scheduler:
         slots = free + [self.batch_size] * (n - len(handles))  # an out-of-range slot: the row is dropped
         admitted = self.device.admit(slots, rows, configs)
         texts = [IncrementalText(self.tokenizer, h.sampling.stop) for h in handles]
-        self._begin(slots, handles, texts, admitted)
+        longest = max(len(r) for r in rows)
+        self._begin(slots, handles, texts, admitted, [self._padding(len(h.prompt_ids), longest) for h in handles])
 
     def _prefill_chunks(self) -> None:
         """One chunk of each long prompt being prefilled; a finished one joins the decode batch."""
@@ -306,12 +359,13 @@ class Scheduler:
             admitted = self.device.chunk(slot)
             if admitted is not None:
                 s.prefilling = False
-                self._begin([slot], [s.handle], [s.text], admitted)
+                self._begin([slot], [s.handle], [s.text], admitted, [s.start])
 
     def _begin(self, slots: list[int], handles: list[RequestHandle], texts: list[IncrementalText],
-               admitted: Admitted) -> None:
-        """Requests now in their decode slots (prefix row r is handles[r]): report each first token,
-        with its scores when asked (from this same prefill pass)."""
+               admitted: Admitted, starts: list[int]) -> None:
+        """Requests now in their decode slots (prefix row r is handles[r], its first token at cache slot
+        starts[r]): report each first token, with its scores when asked (from this same prefill pass);
+        the prompts' KV goes to the prefix cache."""
         firsts, active, n_new = admitted.firsts, admitted.active, admitted.n_new
         lp, plp = admitted.logprobs, admitted.prompt_logprobs
         now = time.monotonic()
@@ -331,7 +385,8 @@ class Scheduler:
                 self.slots[slot] = None
                 handle.put(Event(finish_reason="length", logprobs=[], prompt_logprobs=prompt_scores))
                 continue
-            self.slots[slot] = _Slot(handle, text)
+            self.slots[slot] = _Slot(handle, text, start=starts[r])
+            self._remember(slot, ids, sampling.adapter, starts[r])
             scores = None if sampling.logprobs is None else [first_score]
             self._deliver(slot, [int(firsts[r])] if n_new[slot] else [], finished=not active[slot], scores=scores,
                           prompt_scores=prompt_scores)
@@ -390,6 +445,7 @@ class Scheduler:
         delta = []
         for t in ids:
             delta.append(s.text.push(t))
+            s.completion.append(t)
             h.completion_tokens += 1
             if s.text.stopped:
                 break
@@ -418,6 +474,8 @@ class Scheduler:
         h.put(Event(text=text, token_ids=ids[:len(delta)], finish_reason=reason, logprobs=scores,
                     prompt_logprobs=prompt_scores))
         if reason is not None:
+            # the reply's KV too (a chat's next turn starts with it); the last token may not be fed yet
+            self._remember(slot, h.prompt_ids + s.completion[:-1], h.sampling.adapter, s.start)
             self.slots[slot] = None
             if self.metrics:
                 self.metrics.requests.labels(reason).inc()

@@ -14,6 +14,7 @@ from easympt.kernels import linear
 from easympt.distributed import is_leader
 from easympt.dtypes import inference_dtypes
 from easympt.generation.engine import GenerationEngine
+from easympt.generation.prefix_cache import PrefixIndex, pool_blocks
 from easympt.generation.sampling import SamplingConfig
 from easympt.model import FlaxMptForCausalLM, unwrap_params
 from easympt.serve.config import JaxServerConfig
@@ -103,12 +104,15 @@ class JAXServer:
         del params  # on CPU the engine holds a packed copy (easympt.kernels.cpu): keep only that one
         eos = {config_model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         eos = tuple(sorted(i for i in eos if i is not None))
-        server.device_batch = DeviceBatch(server.engine, cfg.batch_size, eos)
+        prefix_blocks = pool_blocks(server.engine, cfg.prefix_cache_bytes, cfg.batch_size)
+        server.device_batch = DeviceBatch(server.engine, cfg.batch_size, eos, prefix_blocks=prefix_blocks)
         # more than one process: this one's device calls are repeated by the others (serve/lockstep.py)
         device = Leader(server.device_batch) if jax.process_count() > 1 else server.device_batch
         server.scheduler = Scheduler(server.engine, tokenizer, cfg.batch_size, eos, max_queue=cfg.max_queue,
                                      request_timeout_s=cfg.request_timeout_s, metrics=server.metrics,
-                                     decode_steps=cfg.decode_steps, device=device)
+                                     decode_steps=cfg.decode_steps, device=device,
+                                     prefix=PrefixIndex(prefix_blocks, server.engine.max_compile_tokens) if prefix_blocks
+                                     else None)
         if verbose or cfg.verbose:
             logging.getLogger("easympt").setLevel(logging.INFO)
         for name, path in cfg.lora_modules.items():
@@ -170,6 +174,8 @@ class JAXServer:
                     state = eng.insert(prefix, state, jax.numpy.asarray([B] * n, jax.numpy.int32))  # rows dropped
             for window in windows:
                 state, _ = eng.generate(eng.params, state, n_steps=self.config.decode_steps, window=window)
+        if self.device_batch.pool is not None:
+            self._compile_prefix_cache(warm)
         if eng.lora is not None and len(self.adapters.loaded) < eng.lora.slots:  # the adapter update's program
             free = sorted(set(range(eng.lora.slots)) - {a.slot for a in self.adapters.loaded.values()})[0]
             eng.clear_adapter(free)
@@ -178,6 +184,25 @@ class JAXServer:
         log.warning("precompiled %d prompt buckets %s and the decode step over %d cache windows in %.1fs",
                     len(eng.buckets), list(eng.buckets), len(windows), took)
         return took
+
+    def _compile_prefix_cache(self, warm: SamplingConfig) -> None:
+        """The prefix cache's programs: a block saved and loaded, and the rest of a prompt after a cached
+        prefix prefilled in every bucket shape and inserted (into a dropped row)."""
+        eng, batch = self.engine, self.device_batch
+        state = eng.empty_state(self.config.batch_size)
+        for bucket in eng.buckets:
+            if bucket + 1 >= eng.max_length:
+                continue
+            cached = batch.pool.load([0], 1, batch.cache_len)
+            job = eng.start_prefill([[0] * (bucket + 1)], [warm], cache_len=batch.cache_len, cached=cached)
+            while not job.done:
+                job.step()
+            state = eng.insert(job.prefix, state, jax.numpy.asarray([self.config.batch_size], jax.numpy.int32))
+        # as for inserts: a fresh pool and one a save produced are two programs
+        for _ in range(2):
+            batch.pool.save(state.cache, 0, 0, [(0, batch.pool.n_blocks)])  # a pool id past the pool: dropped
+        jax.block_until_ready(batch.pool.load([0], 1, batch.cache_len).index)
+        batch.pool.clear()
 
     def log_memory(self) -> None:
         for d in jax.local_devices():

@@ -66,7 +66,7 @@ def test_sharded_load_export_and_checkpoint_across_two_processes(tmp_path):
         assert np.array_equal(mine[k], theirs[k]), k
 
 
-SERVE = ["serve", "--no-gradio", "--batch-size", "4", "--max-length", "128", "--max-compile-tokens", "64",
+SERVE = ["serve", "--no-gradio", "--batch-size", "4", "--max-length", "256", "--max-compile-tokens", "32",
          "--max-new-tokens", "16"]
 
 
@@ -110,6 +110,15 @@ def test_serving_across_two_processes(lm_checkpoint, server, tmp_path):
         assert all(r.status_code == 200 for r in burst), burst[0].text
         assert burst[0].json()["choices"][0]["text"] == want == burst[2].json()["choices"][0]["text"]
         assert _stream_text(url, body) == want
+        # a chat's next turn: the second process follows the leader's prefix cache hits too
+        turn = {**body, "prompt": "def main(args):\n    for name in args:\n        print(name, len(name))\n" * 3}
+        want = httpx.post(server.url + "/v1/completions", json=turn, timeout=120).json()["choices"][0]["text"]
+        again = {**turn, "prompt": turn["prompt"] + want + "\nmain([])"}
+        want2 = httpx.post(server.url + "/v1/completions", json=again, timeout=120).json()["choices"][0]["text"]
+        assert [httpx.post(url + "/v1/completions", json=b, timeout=120).json()["choices"][0]["text"]
+                for b in (turn, again)] == [want, want2]
+        metrics = httpx.get(url + "/metrics").text
+        assert "easympt_prefix_cache_hits_total 0.0" not in metrics and "easympt_prefix_cache_hits_total" in metrics
         procs[0].send_signal(signal.SIGINT)
         for p in procs:
             p.wait(60)

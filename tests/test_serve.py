@@ -56,6 +56,7 @@ def test_easydel_routes(client):
     assert s["status"] == "ready" and s["batch_size"] == 4 and s["prompt_buckets"][-1] == 256
     assert s["backend"] == "cpu" and s["cpu_kernels"] == cpu.active_isa()  # the instruction set; null: XLA
     assert s["dtype"] == s["kv_dtype"] == "float32"
+    assert s["prefix_cache"]["block_tokens"] == 16 and s["prefix_cache"]["blocks"] > 0
     assert client.get("/health").json() == {"status": "ok"}
 
 

@@ -409,11 +409,23 @@ class GenerationEngine:
                             with_logprobs=any(c.wants_logprobs for c in configs))
 
     def start_prefill(self, prompts: list[list[int]], configs: list[SamplingConfig], eos_ids=(),
-                      cache_len: int | None = None) -> ChunkedPrefill:
+                      cache_len: int | None = None, cached: KVCache | None = None) -> ChunkedPrefill:
         """A prefill that runs one `prefill_chunk` of the prompts per `step()`, straight into a decode
         cache of `cache_len` (default max_length) slots, so a prompt of any length compiles the same
-        few shapes and a server can run decode steps of other rows between its chunks."""
-        return ChunkedPrefill(self, prompts, configs, eos_ids, cache_len or self.max_length)
+        few shapes and a server can run decode steps of other rows between its chunks.
+
+        `cached`: a one-row cache of `cache_len` slots already holding the KV of the prompt's first
+        `cached.index` tokens (a prefix cache hit, easympt.generation.prefix_cache); only the rest is
+        prefilled. That rest must fill its chunk shapes exactly (see prefix_reuse), so no padding
+        falls between the cached tokens and the new ones (ALiBi reads slot distances)."""
+        return ChunkedPrefill(self, prompts, configs, eos_ids, cache_len or self.max_length, cached)
+
+    def prefix_reuse(self, n_prompt: int, n_cached: int) -> int:
+        """How many of a prompt's first `n_cached` cached tokens to reuse: all but enough to make the
+        rest fill its prefill shapes (a bucket, then whole chunks) and leave at least one token to
+        run; 0 when that leaves nothing."""
+        rest = n_prompt - min(n_cached, n_prompt - 1)
+        return max(0, n_prompt - self.padded_length(rest))
 
     def finish_reason(self, prompt_len: int, n_emitted: int, max_new_tokens: int) -> str:
         """Why a row that the device deactivated ended: 'length' (max_new_tokens or
@@ -461,13 +473,24 @@ def _put_adapter(params, slot, adapter):
 class ChunkedPrefill:
     """A long prompt's prefill, one chunk per `step()`; `prefix` is ready once `done`."""
 
-    def __init__(self, engine: GenerationEngine, prompts, configs, eos_ids, cache_len: int):
+    def __init__(self, engine: GenerationEngine, prompts, configs, eos_ids, cache_len: int,
+                 cached: KVCache | None = None):
         C = engine.prefill_chunk
+        reused = 0
+        if cached is not None:
+            reused = int(cached.index[0])
+            if len(prompts) != 1 or cached.max_length != cache_len or not 0 < reused < len(prompts[0]):
+                raise ValueError("a cached prefix serves one prompt longer than it, in a cache of cache_len slots")
+            engine.pad_prompts(prompts)  # the whole prompt's length against max_length
+            head, prompts = prompts[0][:reused], [prompts[0][reused:]]
         self.tokens, self.mask = engine.pad_prompts(prompts)  # checks the lengths against max_length
         P = self.tokens.shape[1]
-        if P > cache_len:
-            raise ValueError(f"prompt of {max(map(len, prompts))} tokens needs {P} cache slots; the cache "
-                             f"has {cache_len}")
+        if cached is not None and P != len(prompts[0]):
+            raise ValueError(f"the {len(prompts[0])} tokens after a cached prefix must fill their prefill shapes "
+                             f"(GenerationEngine.prefix_reuse); they take {P}")
+        if reused + P > cache_len:
+            raise ValueError(f"prompt of {reused + max(map(len, prompts))} tokens needs {reused + P} cache slots; "
+                             f"the cache has {cache_len}")
         self.engine, self.configs = engine, configs
         # a first chunk of the remainder (a prompt bucket), then full chunks
         first = P % C
@@ -477,8 +500,11 @@ class ChunkedPrefill:
         self.stop_ids = engine.stop_table(configs, eos_ids)
         self.adapter = jnp.asarray([c.adapter for c in configs], jnp.int32)
         n = len(prompts)
-        self.cache = KVCache.zeros(engine.config, n, cache_len, engine.kv_dtype)
-        self.seen = jnp.zeros((n, engine.config.vocab_size), bool)
+        self.cache = KVCache.zeros(engine.config, n, cache_len, engine.kv_dtype) if cached is None else cached
+        seen = np.zeros((n, engine.config.vocab_size), bool)
+        if cached is not None:  # the cached tokens count as seen (repetition penalty)
+            seen[0, np.asarray(head, np.int64)] = True
+        self.seen = jnp.asarray(seen)
         self.next_chunk = 0
         self.scores: list[TokenLogprobs] = []
         self.prefix: Prefix | None = None
