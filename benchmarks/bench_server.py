@@ -4,6 +4,7 @@ errors and RSS growth. Everything talks to 127.0.0.1 only.
 
     python benchmarks/bench_server.py [--model DIR] [--max-tokens 64] [--soak 1000]
     python benchmarks/bench_server.py --loras 8     # 16 clients spread over 8 LoRA adapters vs the base alone
+    python benchmarks/bench_server.py --prefix-cache  # chat turns and a shared system prompt, cache on vs off
 
 There is no peer here (benchmarks/peers.py says why). The figures that matter: scaling (aggregate
 tok/s at 16 clients over 1 client, target >= 4x) and what streaming costs, measured against the same
@@ -189,7 +190,15 @@ def main() -> int:
     ap.add_argument("--loras", type=int, default=0,
                     help="serve this many random rank-8 LoRA adapters and time 16 clients spread over them against "
                          "16 clients of the base model, in turns (the only measurement then)")
+    ap.add_argument("--prefix-cache", action="store_true",
+                    help="time a 10-turn chat and 16 users sharing a system prompt with the prefix cache on and off "
+                         "(benchmarks/server_prefix.py; the only measurement then)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds in turns (--prefix-cache)")
     args = ap.parse_args()
+    if args.prefix_cache:
+        import server_prefix
+
+        return server_prefix.run(args)
 
     from easympt.demo import demo_checkpoint
     from easympt.serve import MPTJaxServer

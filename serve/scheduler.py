@@ -286,7 +286,7 @@ class Scheduler:
                 handle.put(Event(finish_reason="cancelled"))
             elif self._start_cached(handle):
                 pass
-            elif len(handle.prompt_ids) > self.engine.prefill_chunk:  # chunk by chunk, between decode steps
+            elif len(self.engine.prefill_plan(len(handle.prompt_ids))) > 1:  # chunk by chunk, between decode steps
                 slot = self.slots.index(None)
                 self.device.start_long(slot, handle.prompt_ids, handle.sampling)
                 self.slots[slot] = _Slot(handle, IncrementalText(self.tokenizer, handle.sampling.stop),
@@ -304,32 +304,34 @@ class Scheduler:
         """Start `handle` from the KV of its prompt's longest cached prefix, if the prefix cache holds
         one worth using; the rest prefills as a long prompt's chunks do. Prompts whose own scores
         are asked for (echo) prefill whole: their scores come from the prefill pass."""
-        if self.prefix is None or handle.sampling.prompt_logprobs:
+        prefix = self.prefix
+        if prefix is None or handle.sampling.prompt_logprobs:
             return False
         ids, namespace = handle.prompt_ids, handle.sampling.adapter
-        blocks = self.prefix.lookup(ids, namespace)
-        reused = self.engine.prefix_reuse(len(ids), len(blocks) * self.prefix.block_tokens)
-        self.prefix.count(reused > 0, reused)
+        blocks = prefix.lookup(ids, namespace)
+        reused = self.engine.prefix_reuse(len(ids), len(blocks) * prefix.block_tokens)
+        prefix.count(reused > 0, reused)
         if self.metrics:
             self.metrics.prefix_lookup(reused)
         if not reused:
             return False
         slot = self.slots.index(None)
-        self.device.start_cached(slot, ids, handle.sampling, blocks[:-(-reused // self.prefix.block_tokens)], reused)
+        self.device.start_cached(slot, ids, handle.sampling, blocks[:-(-reused // prefix.block_tokens)], reused)
         self.slots[slot] = _Slot(handle, IncrementalText(self.tokenizer, handle.sampling.stop), prefilling=True)
         return True
 
     def _remember(self, slot: int, tokens: list[int], namespace: int, start: int) -> None:
         """Put the whole token blocks of decode row `slot` (`tokens` from cache slot `start` on) that the
         prefix cache lacks into it."""
-        if self.prefix is None:
+        prefix = self.prefix
+        if prefix is None:
             return
-        evicted = self.prefix.evictions
-        blocks = self.prefix.insert(tokens, namespace)
+        evicted = prefix.evictions
+        blocks = prefix.insert(tokens, namespace)
         if blocks:
             self.device.save_prefix(slot, start, blocks)
         if self.metrics:
-            self.metrics.prefix_stored(self.prefix.evictions - evicted, self.prefix.used_blocks)
+            self.metrics.prefix_stored(prefix.evictions - evicted, prefix.used_blocks)
 
     def _start_batch(self, handles: list[RequestHandle]) -> None:
         """One prefill for several requests. Its row count is 1 or the batch size (dummy rows fill

@@ -261,3 +261,20 @@ def test_prefill_attends_over_the_prompts_slots_alone_and_equals_a_cache_of_its_
         np.testing.assert_allclose(np.asarray(b)[:, :, :P], np.asarray(a), atol=1e-6)
     for a, b in zip(exact.cache.values, roomy.cache.values):
         np.testing.assert_allclose(np.asarray(b)[:, :P], np.asarray(a), atol=1e-6)
+
+
+def test_prefill_plans_leave_room_to_answer_and_chunk_what_would_pad_too_much(gen):
+    """A prompt's padding is at most a quarter of it and of the room left: one bucket when that holds,
+    else a first bucket and whole chunks. Before, a 100-token prompt of a 192-slot engine was padded to
+    192 slots and got one token; every plan is also exact when asked for its own padded length."""
+    eng = gen.engine  # buckets 16, 32, 64, 128, 192
+    assert eng.prefill_plan(10) == (16,) and eng.prefill_plan(60) == (64,)
+    assert eng.prefill_plan(100) == (16, 32, 32, 32) and eng.padded_length(100) == 112
+    assert eng.prefill_plan(100, exact=True) is None and eng.prefill_plan(112, exact=True) == (16, 32, 32, 32)
+    for n in range(1, 191):
+        plan = eng.prefill_plan(n)
+        assert all(c in eng.buckets for c in plan) and sum(plan) >= n
+        assert sum(eng.prefill_plan(sum(plan), exact=True)) == sum(plan)
+    prompt = list(np.random.default_rng(0).integers(1, 200, 100))
+    out = gen.generate_batch([prompt], [SamplingConfig(temperature=0.0, max_new_tokens=40)])[0]
+    assert len(out.token_ids) == 40 and out.finish_reason == "length"

@@ -355,14 +355,28 @@ class GenerationEngine:
             seen=jnp.zeros((batch_size, self.config.vocab_size), bool),
             rows=SamplingRows.from_configs([cfg] * batch_size))
 
+    def prefill_plan(self, n: int, exact: bool = False) -> tuple[int, ...] | None:
+        """The chunk lengths a prompt of n tokens is prefilled in, each a prompt bucket: one bucket when
+        its padding is at most a quarter of the prompt and of the room left to answer (one pass, shared
+        by the prompts of a burst); else a first bucket (holding the left padding) and whole chunks of
+        the largest size that pads that little (a 1,100-token prompt: 128 + 1,024 slots, not 2,048,
+        which would leave a 2,048 max_length no room to answer); else whichever pads least. `exact`: a plan without padding or
+        None (the rest of a prompt after a cached prefix: ALiBi reads slot distances, so no padding
+        may fall between the cached tokens and the new ones)."""
+        def chunked(c):
+            rest = n % c
+            return ((bucket_for(rest, self.buckets),) if rest else ()) + (c,) * (n // c)
+
+        plans = ([(bucket_for(n, self.buckets),)] if n <= self.prefill_chunk else [])
+        plans += [chunked(c) for c in reversed(self.buckets)]  # every bucket is at most prefill_chunk
+        if exact:
+            return next((p for p in plans if sum(p) == n), None)
+        allowed = min(n, self.max_length - n) // 4  # padding: at most a quarter of the prompt and of the room left
+        return next((p for p in plans if sum(p) - n <= allowed), min(plans, key=sum))
+
     def padded_length(self, n: int) -> int:
-        """Cache slots a prompt of n tokens takes: its bucket, or past one chunk, the remainder's
-        bucket plus whole chunks."""
-        C = self.prefill_chunk
-        if n <= C:
-            return bucket_for(n, self.buckets)
-        rest = n % C
-        return (bucket_for(rest, self.buckets) if rest else 0) + (n - rest)
+        """Cache slots a prompt of n tokens takes (its prefill_plan's)."""
+        return sum(self.prefill_plan(n))
 
     def pad_prompts(self, prompts: list[list[int]], bucket: int | None = None):
         """Left-pad token lists to one bucket: (tokens [n, P], mask [n, P])."""
@@ -395,8 +409,8 @@ class GenerationEngine:
     def prefill_batch(self, prompts: list[list[int]], configs: list[SamplingConfig], eos_ids=(),
                       cache_len: int | None = None) -> Prefix:
         """Prefill left-padded prompts; with log-probabilities when any config asks for them.
-        Prompts longer than `prefill_chunk` are prefilled chunk by chunk (see start_prefill)."""
-        if max(len(p) for p in prompts) > self.prefill_chunk:
+        Prompts whose prefill_plan has several chunks are prefilled chunk by chunk (see start_prefill)."""
+        if len(self.prefill_plan(max(len(p) for p in prompts))) > 1:
             job = self.start_prefill(prompts, configs, eos_ids, cache_len)
             while not job.done:
                 job.step()
@@ -475,7 +489,6 @@ class ChunkedPrefill:
 
     def __init__(self, engine: GenerationEngine, prompts, configs, eos_ids, cache_len: int,
                  cached: KVCache | None = None):
-        C = engine.prefill_chunk
         reused = 0
         if cached is not None:
             reused = int(cached.index[0])
@@ -485,16 +498,16 @@ class ChunkedPrefill:
             head, prompts = prompts[0][:reused], [prompts[0][reused:]]
         self.tokens, self.mask = engine.pad_prompts(prompts)  # checks the lengths against max_length
         P = self.tokens.shape[1]
-        if cached is not None and P != len(prompts[0]):
+        plan = engine.prefill_plan(P, exact=True)
+        if plan is None or (cached is not None and P != len(prompts[0])):
             raise ValueError(f"the {len(prompts[0])} tokens after a cached prefix must fill their prefill shapes "
                              f"(GenerationEngine.prefix_reuse); they take {P}")
         if reused + P > cache_len:
             raise ValueError(f"prompt of {reused + max(map(len, prompts))} tokens needs {reused + P} cache slots; "
                              f"the cache has {cache_len}")
         self.engine, self.configs = engine, configs
-        # a first chunk of the remainder (a prompt bucket), then full chunks
-        first = P % C
-        self.bounds = ([(0, first)] if first else []) + [(b, b + C) for b in range(first, P, C)]
+        ends = np.cumsum(plan).tolist()  # a first chunk holding the padding, then whole chunks
+        self.bounds = list(zip([0] + ends[:-1], ends))
         self.following = _following(self.tokens)
         self.with_logprobs = any(c.wants_logprobs for c in configs)
         self.stop_ids = engine.stop_table(configs, eos_ids)
