@@ -476,8 +476,10 @@ class Scheduler:
         h.put(Event(text=text, token_ids=ids[:len(delta)], finish_reason=reason, logprobs=scores,
                     prompt_logprobs=prompt_scores))
         if reason is not None:
-            # the reply's KV too (a chat's next turn starts with it); the last token may not be fed yet
-            self._remember(slot, h.prompt_ids + s.completion[:-1], h.sampling.adapter, s.start)
+            # the reply's KV too (a chat's next turn starts with it); the last token may not be fed yet,
+            # and a row that filled its cache finds its last slot rewritten by the dispatches after it
+            tokens = (h.prompt_ids + s.completion[:-1])[:self.device.cache_len - 1 - s.start]
+            self._remember(slot, tokens, h.sampling.adapter, s.start)
             self.slots[slot] = None
             if self.metrics:
                 self.metrics.requests.labels(reason).inc()
