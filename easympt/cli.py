@@ -208,7 +208,7 @@ def cmd_serve(args) -> int:
         overrides["max_new_tokens"] = args.max_new_tokens
     if args.lora:
         overrides["lora_modules"] = dict(_name_and_dir(spec) for spec in args.lora)
-    for key in ("max_loras", "max_lora_rank", "prefix_cache_bytes"):
+    for key in ("max_loras", "max_lora_rank", "prefix_cache_bytes", "num_speculative_tokens"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.mesh:
@@ -396,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="automatic prefix cache: bytes of KV kept from earlier prompts and replies, reused by "
                         "requests that start the same (a chat's history, a shared system prompt); default 512 MiB, "
                         "0 turns it off")
+    p.add_argument("--num-speculative-tokens", dest="num_speculative_tokens", type=int, default=None,
+                   help="prompt-lookup speculative decoding: check this many draft tokens copied from each request's "
+                        "own text per step (greedy output unchanged; 0, the default: off)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="serve a LoRA adapter (PEFT's format) as model NAME; repeatable; a request picks it with "
                         "\"model\": NAME")

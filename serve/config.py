@@ -39,6 +39,9 @@ class JaxServerConfig(BaseModel):
     prefix_cache_bytes: int = Field(512 * 2**20, ge=0, description="automatic prefix cache: bytes of KV kept "
                                     "from earlier prompts and replies for requests that start the same (at most "
                                     "4 full contexts per decode slot); 0 turns it off")
+    num_speculative_tokens: int = Field(0, ge=0, le=16, description="prompt-lookup speculative decoding: draft "
+                                        "tokens copied from each request's own text and checked per step (0: off); "
+                                        "a request opts out with \"speculative\": false")
     use_prefix_tokenizer: bool = True
     pre_compile: bool = True
     stream_tokens_for_gradio: bool = True

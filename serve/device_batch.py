@@ -39,6 +39,7 @@ class Dispatched:
     tokens: np.ndarray  # [B, n_steps], -1 where a row emitted nothing
     logprobs: TokenLogprobs | None  # [B, n_steps]
     active: np.ndarray  # [B] rows still running after it
+    spec_counts: np.ndarray  # [2] speculative draft tokens checked and accepted, all dispatches so far
 
 
 class DeviceBatch:
@@ -114,12 +115,11 @@ class DeviceBatch:
         else:
             (self.state, out), lps = eng.generate(eng.params, self.state, n_steps=n_steps, window=window), None
         # a copy: the next dispatch donates (and so deletes) the state's own buffers
-        self.in_flight.append((out, lps, jnp.copy(self.state.active)))
+        self.in_flight.append((out, lps, jnp.copy(self.state.active), jnp.copy(self.state.spec_counts)))
 
     def collect(self) -> Dispatched:
         """The oldest dispatch not yet read (waits for it only)."""
-        out, lps, active = self.in_flight.pop(0)
-        return Dispatched(*to_host((out, lps, active)))
+        return Dispatched(*to_host(self.in_flight.pop(0)))
 
     def deactivate(self, rows: list[int]) -> None:
         """Stop rows on the device whose requests ended on the host (stop string, disconnect)."""

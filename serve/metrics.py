@@ -32,6 +32,20 @@ class ServerMetrics:
         self.prefix_blocks = Gauge("easympt_prefix_cache_blocks", "blocks the prefix cache holds",
                                    registry=self.registry)
 
+        self.spec_drafted = Counter("easympt_speculative_draft_tokens", "draft tokens checked (speculative decoding)",
+                                    registry=self.registry)
+        self.spec_accepted = Counter("easympt_speculative_accepted_tokens", "draft tokens the model agreed with",
+                                     registry=self.registry)
+        self.spec_rate = Gauge("easympt_speculative_acceptance_rate", "accepted / checked draft tokens so far",
+                               registry=self.registry)
+
+    def speculated(self, drafted: int, accepted: int) -> None:
+        self.spec_drafted.inc(drafted)
+        self.spec_accepted.inc(accepted)
+        total = self.spec_drafted._value.get()
+        if total:
+            self.spec_rate.set(self.spec_accepted._value.get() / total)
+
     def prefix_lookup(self, reused_tokens: int) -> None:
         (self.prefix_hits if reused_tokens else self.prefix_misses).inc()
         self.prefix_reused.inc(reused_tokens)

@@ -32,6 +32,7 @@ class _Common(StrictBody):
     stream: bool = False
     user: str | None = None
     truncate: bool = False  # easympt extension: keep the end of an over-long prompt
+    speculative: bool = True  # easympt extension: false opts out of the server's speculative decoding
     # accepted for compatibility; they change nothing easympt computes
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -151,7 +152,8 @@ def build_router(server) -> APIRouter:
         seed = None if body.seed is None else (body.seed + index) % 2**63
         extra = {k: v for k, v in (("min_p", body.min_p), ("repetition_penalty", body.repetition_penalty))
                  if v is not None}
-        extra.update(logprobs=logprobs, prompt_logprobs=echo, adapter=check_model(body.model))
+        extra.update(logprobs=logprobs, prompt_logprobs=echo, adapter=check_model(body.model),
+                     speculate=body.speculative)
         return server.sampling(body.temperature, body.top_p, body.top_k, limit, seed,
                                stop=tuple(body.stop or ()) + tuple(extra_stop), **extra)
 

@@ -34,6 +34,7 @@ class _SamplingFields(StrictBody):
     seed: int | None = Field(None, ge=0)
     truncate: bool = False
     model: str | None = None  # a loaded LoRA adapter's name (GET /v1/models); none: the base model
+    speculative: bool = True  # false: no speculative decoding for this request (when the server has it)
 
 
 class ChatRequest(_SamplingFields):
@@ -230,6 +231,7 @@ def build_app(server) -> FastAPI:
                               for a in server.adapters.loaded.values()},
             "max_loras": cfg.max_loras, "max_lora_rank": cfg.max_lora_rank if cfg.max_loras else None,
             "prefix_cache": server.scheduler.prefix.stats() if server.scheduler.prefix else None,
+            "num_speculative_tokens": server.engine.spec_k,
             "model_config": {"d_model": m.d_model, "n_heads": m.n_heads, "n_layers": m.n_layers,
                              "vocab_size": m.vocab_size, "max_seq_len": m.max_seq_len},
         }
@@ -244,7 +246,7 @@ def build_app(server) -> FastAPI:
         prompt = server.format_chat(body.history, body.prompt, body.system)
         sampling = server.sampling(body.temperature, body.top_p, body.top_k, body.max_new_tokens, body.seed,
                                    stop=server.chat_stop_strings(), greedy=body.greedy,
-                                   adapter=server.adapters.slot_for(body.model))
+                                   adapter=server.adapters.slot_for(body.model), speculate=body.speculative)
         return await reply(prompt, sampling, body.truncate, request)
 
     @app.post("/instruct", response_model=GenerationReply)
@@ -252,7 +254,7 @@ def build_app(server) -> FastAPI:
         prompt = server.format_instruct(body.system, body.instruction)
         sampling = server.sampling(body.temperature, body.top_p, body.top_k, body.max_new_tokens, body.seed,
                                    stop=server.instruct_stop_strings(), greedy=body.greedy,
-                                   adapter=server.adapters.slot_for(body.model))
+                                   adapter=server.adapters.slot_for(body.model), speculate=body.speculative)
         return await reply(prompt, sampling, body.truncate, request)
 
     app.include_router(build_router(server))

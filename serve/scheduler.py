@@ -146,6 +146,7 @@ class Scheduler:
         self.steps = 0
         self.decode_steps = decode_steps
         self._pending = None  # who occupied each row when the dispatch in flight was made
+        self._spec_seen = 0  # the speculative counts of the last dispatch read
         self._last_delivery: float | None = None
         self._last_ping = 0.0
         self._calls: queue.Queue = queue.Queue()  # work to run on the engine thread between dispatches
@@ -265,6 +266,7 @@ class Scheduler:
 
     def _reset_device(self) -> None:
         self.device.reset()
+        self._spec_seen = 0
         if self.prefix is not None:  # the pool is new and empty
             self.prefix.clear()
 
@@ -401,7 +403,8 @@ class Scheduler:
         occupants = [s.handle if s is not None and not s.prefilling else None for s in self.slots]
         # attend over the slots rows can hold after this dispatch (prompt, tokens delivered, the
         # dispatch in flight and this one), not over the whole cache
-        need = max(eng.padded_length(len(h.prompt_ids)) + h.completion_tokens + 2 * self.decode_steps + 2
+        per_dispatch = self.decode_steps * (eng.spec_k + 1)  # speculation may take k + 1 slots a step
+        need = max(eng.padded_length(len(h.prompt_ids)) + h.completion_tokens + 2 * per_dispatch + 2
                    for h in occupants if h is not None)
         window = eng.decode_window(need, self.device.cache_len)
         with_logprobs = any(h is not None and h.sampling.logprobs is not None for h in occupants)
@@ -420,6 +423,10 @@ class Scheduler:
     def _deliver_dispatch(self, occupants) -> None:
         done = self.device.collect()  # waits for that dispatch only
         out, lps, active = done.tokens, done.logprobs, done.active
+        if self.metrics and self.engine.spec_k:
+            drafted, accepted = (int(x) for x in done.spec_counts - self._spec_seen)
+            self.metrics.speculated(drafted, accepted)
+        self._spec_seen = done.spec_counts
         now, n_tokens = time.monotonic(), 0
         for i, s in enumerate(self.slots):
             if s is None or s.handle is not occupants[i]:  # freed, or refilled since that dispatch
@@ -433,7 +440,7 @@ class Scheduler:
                 scores = token_scores(lps, i, range(min(len(steps) + 1, out.shape[1])), n_top)
             self._deliver(i, ids, finished=not active[i], scores=scores)
         if self.metrics and n_tokens and self._last_delivery is not None:
-            self.metrics.inter_token.observe((now - self._last_delivery) / max(1, out.shape[1]))
+            self.metrics.inter_token.observe((now - self._last_delivery) / self.decode_steps)
         self._last_delivery = now
         # rows whose request ended on the host (stop string, disconnect, timeout) stop on the device too
         stale = [i for i, s in enumerate(self.slots) if s is None and active[i]]

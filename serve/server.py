@@ -100,7 +100,8 @@ class JAXServer:
                                          max_compile_tokens=cfg.max_compile_tokens, prefill_chunk=cfg.prefill_chunk,
                                          kv_dtype=None if cfg.kv_dtype == "auto" else cfg.kv_dtype,
                                          consume_params=consume_params, max_loras=cfg.max_loras,
-                                         max_lora_rank=cfg.max_lora_rank)
+                                         max_lora_rank=cfg.max_lora_rank,
+                                         num_speculative_tokens=cfg.num_speculative_tokens)
         del params  # on CPU the engine holds a packed copy (easympt.kernels.cpu): keep only that one
         eos = {config_model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         eos = tuple(sorted(i for i in eos if i is not None))

@@ -20,6 +20,7 @@ import numpy as np
 from easympt.adapters import lora
 from easympt.adapters.peft_format import layer_dims
 from easympt.cache import KVCache, cache_rows, resolve_kv_dtype
+from easympt.generation import speculative
 from easympt.generation.sampling import (MAX_LOGPROBS, NO_STOP, SamplingConfig, SamplingRows, TokenLogprobs, sample,
                                         token_logprobs)
 from easympt.kernels import cpu, linear
@@ -40,6 +41,7 @@ class Prefix:
     # ([n, P]; a row's first real token has none: its entry is meaningless)
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: TokenLogprobs | None = None
+    history: jax.Array | None = None  # [n, cache length] the token at each cache slot, -1 none (drafts)
 
 
 @flax.struct.dataclass
@@ -52,6 +54,8 @@ class DecodeState:
     stop_ids: jax.Array  # [B, NS]
     seen: jax.Array  # [B, V] bool
     rows: SamplingRows
+    history: jax.Array  # [B, S] int32: the token at each cache slot, -1 none (speculative drafts)
+    spec_counts: jax.Array  # [2] int32: draft tokens checked and accepted so far (all rows)
 
 
 def prefill_buckets(max_compile_tokens: int, max_length: int) -> tuple[int, ...]:
@@ -131,7 +135,8 @@ class GenerationEngine:
 
     def __init__(self, model: FlaxMptForCausalLM, params, max_length: int = 2048, max_compile_tokens: int = 64,
                  stop_slots: int = 8, prefill_chunk: int = 2048, cpu_kernels: bool | None = None,
-                 kv_dtype=None, consume_params: bool = False, max_loras: int = 0, max_lora_rank: int = 16):
+                 kv_dtype=None, consume_params: bool = False, max_loras: int = 0, max_lora_rank: int = 16,
+                 num_speculative_tokens: int = 0):
         cfg = model.config
         if cfg.uses_learned_pos_emb and max_length > cfg.max_seq_len:
             raise ValueError(f"max_length {max_length} exceeds max_seq_len {cfg.max_seq_len} of a model with "
@@ -159,6 +164,9 @@ class GenerationEngine:
         # the instruction set the CPU kernels run with (easympt.kernels.cpu), None without them
         self.cpu_isa = cpu.active_isa() if self.module.cpu_kernels else None
         self.max_length = int(max_length)
+        if not 0 <= num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must lie in [0, 16], got {num_speculative_tokens}")
+        self.spec_k = int(num_speculative_tokens)  # prompt-lookup drafts checked per step (0: none)
         self.max_compile_tokens = int(max_compile_tokens)
         # prompts up to one chunk prefill in one pass (power-of-two buckets); longer ones chunk by chunk
         self.prefill_chunk = int(min(prefill_chunk, self.max_length))
@@ -205,10 +213,11 @@ class GenerationEngine:
         seen = jax.vmap(lambda s, t, m: s.at[t].max(m))(seen, tokens, mask.astype(bool))
         return cache, seen, logits[:, -1], token_logprobs(logits, next_tokens) if with_logprobs else None
 
-    def _finish(self, last_logits, cache, seen, rows: SamplingRows, max_new, stop_ids, with_logprobs: bool) -> Prefix:
+    def _finish(self, last_logits, cache, seen, rows: SamplingRows, max_new, stop_ids, with_logprobs: bool,
+                history) -> Prefix:
         """Sample every row's first token from its last prompt position."""
         token = sample(last_logits, rows, jnp.zeros((last_logits.shape[0],), jnp.int32), seen)
-        prefix = Prefix(cache, token, seen, rows, max_new, stop_ids)
+        prefix = Prefix(cache, token, seen, rows, max_new, stop_ids, history=history)
         return prefix.replace(logprobs=token_logprobs(last_logits, token)) if with_logprobs else prefix
 
     def _prefill(self, params, tokens, mask, rows: SamplingRows, max_new, stop_ids, cache_len: int,
@@ -223,7 +232,8 @@ class GenerationEngine:
         window = P if P < cache_len else None
         cache, seen, last, lp = self._extend(params, tokens, mask, cache, seen, _following(tokens), with_logprobs,
                                              window, rows.adapter)
-        prefix = self._finish(last, cache, seen, rows, max_new, stop_ids, with_logprobs)
+        history = jnp.full((n, cache_len), -1, jnp.int32).at[:, :P].set(jnp.where(mask > 0, tokens, -1))
+        prefix = self._finish(last, cache, seen, rows, max_new, stop_ids, with_logprobs, history)
         return prefix.replace(prompt_logprobs=_shift_scores(lp)) if with_logprobs else prefix
 
     def _start(self, prefix: Prefix, capacity: int | None = None) -> DecodeState:
@@ -235,7 +245,7 @@ class GenerationEngine:
         active = ~stopped & (n_new < prefix.max_new) & room
         seen = prefix.seen | (jax.nn.one_hot(token, self.config.vocab_size, dtype=bool) & ~stopped[:, None])
         return DecodeState(prefix.cache, token, active, n_new, prefix.max_new, prefix.stop_ids, seen,
-                           prefix.rows)
+                           prefix.rows, prefix.history, jnp.zeros((2,), jnp.int32))
 
     def _insert(self, prefix: Prefix, state: DecodeState, slots) -> DecodeState:
         """Rows `slots` [n] of `state` take the prefilled prompts; other rows are untouched. A slot
@@ -266,45 +276,101 @@ class GenerationEngine:
             max_new=put_rows(state.max_new, new.max_new),
             stop_ids=put_rows(state.stop_ids, new.stop_ids),
             seen=put_rows(state.seen, new.seen),
-            rows=rows)
+            rows=rows,
+            history=state.history.at[slots].set(-1, mode="drop").at[slots, :P].set(new.history, mode="drop"),
+            spec_counts=state.spec_counts)
 
     def _generate(self, params, state: DecodeState, n_steps: int, with_logprobs: bool = False,
                   window: int | None = None):
-        """Up to n_steps decode steps; tokens [B, n_steps] (-1 where a row emitted nothing), and with
-        `with_logprobs` their TokenLogprobs [B, n_steps]."""
-        B = state.token.shape[0]
-        out = jnp.full((B, n_steps), -1, jnp.int32)
+        """Up to n_steps decode steps; tokens [B, n_steps * (k + 1)] (k: num_speculative_tokens), each
+        row's emitted tokens first and -1 after them, and with `with_logprobs` their TokenLogprobs
+        (and, one past a row's last token, the score of the stop token that ended it)."""
+        B, S = state.token.shape[0], state.cache.max_length
+        T = self.spec_k + 1
+        width = n_steps * T
+        out = jnp.full((B, width), -1, jnp.int32)
         lps = None
         if with_logprobs:
-            lps = TokenLogprobs(jnp.zeros((B, n_steps), jnp.int32), jnp.zeros((B, n_steps), jnp.float32),
-                                jnp.zeros((B, n_steps, MAX_LOGPROBS), jnp.int32),
-                                jnp.zeros((B, n_steps, MAX_LOGPROBS), jnp.float32))
+            lps = TokenLogprobs(jnp.zeros((B, width), jnp.int32), jnp.zeros((B, width), jnp.float32),
+                                jnp.zeros((B, width, MAX_LOGPROBS), jnp.int32),
+                                jnp.zeros((B, width, MAX_LOGPROBS), jnp.float32))
+        batch = jnp.arange(B)
 
         def cond(carry):
             i, st, *_ = carry
             return (i < n_steps) & jnp.any(st.active)
 
-        def body(carry):
-            i, st, out, lps = carry
+        def plain(st, history, drafts, n_draft):
+            """One token per row: (cache, taken [B, T] (-1 after the first), accepted drafts [B], scores)."""
             logits, cache = self._forward(params, st.token[:, None], st.active[:, None], st.cache, cache_window=window,
                                           adapter=st.rows.adapter)
-            # inactive rows wrote nothing valid; keep their write position
-            cache = cache.replace(index=jnp.where(st.active, cache.index, st.cache.index))
             token = sample(logits[:, 0], st.rows, st.n_new, st.seen)
-            stopped = _is_stop(token, st.stop_ids)
-            emit = st.active & ~stopped
-            n_new = st.n_new + emit.astype(jnp.int32)
-            done = stopped | (n_new >= st.max_new) | (cache.index >= cache.max_length)
-            seen = st.seen | (jax.nn.one_hot(token, self.config.vocab_size, dtype=bool) & emit[:, None])
-            out = out.at[:, i].set(jnp.where(emit, token, -1))
-            if lps is not None:
-                step = token_logprobs(logits[:, 0], token)
-                lps = jax.tree_util.tree_map(lambda buf, x: buf.at[:, i].set(x), lps, step)
-            st = st.replace(cache=cache, token=jnp.where(st.active, token, st.token),
-                            active=st.active & ~done, n_new=n_new, seen=seen)
-            return i + 1, st, out, lps
+            taken = jnp.full((B, T), -1, jnp.int32).at[:, 0].set(token)
+            scores = None
+            if with_logprobs:
+                scores = jax.tree_util.tree_map(lambda x: jnp.repeat(x[:, None], T, axis=1),
+                                                token_logprobs(logits[:, 0], token))
+            return cache, taken, jnp.zeros((B,), jnp.int32), scores
 
-        _, state, out, lps = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out, lps))
+        def checked(st, history, drafts, n_draft):
+            """The current token and k drafts in one pass; the drafts the model agrees with are kept."""
+            fed = jnp.concatenate([st.token[:, None], drafts], axis=1)
+            logits, cache = self._forward(params, fed, jnp.repeat(st.active[:, None], T, axis=1).astype(jnp.int32),
+                                          st.cache, cache_window=window, adapter=st.rows.adapter)
+            n_acc, taken = speculative.verify(logits, drafts, n_draft, st.rows, st.n_new, st.seen)
+            # slots of rejected drafts hold nothing: the next step writes from the first of them
+            end = st.cache.index + n_acc + 1
+            pos = jnp.arange(S)[None]
+            stale = (pos >= end[:, None]) & (pos < st.cache.index[:, None] + T)
+            cache = cache.replace(key_valid=cache.key_valid & ~stale,
+                                  n_tokens=st.cache.n_tokens + jnp.where(st.active, n_acc + 1, 0))
+            scores = token_logprobs(logits, jnp.maximum(taken, 0)) if with_logprobs else None
+            return cache, taken, n_acc, scores
+
+        def body(carry):
+            i, st, out, lps, ptr = carry
+            index = st.cache.index
+            history = st.history.at[batch, jnp.where(st.active, index, S)].set(st.token, mode="drop")
+            if T > 1:
+                drafts, n_draft = speculative.ngram_drafts(history, index, self.spec_k)
+                n_draft = jnp.where(st.active & st.rows.speculate, n_draft, 0)
+                room = jnp.all(index + T <= (window or S))  # every row's k + 1 slots fit: none is clamped
+                speculating = jnp.any(n_draft > 0) & room
+                cache, taken, n_acc, scores = jax.lax.cond(speculating, checked, plain, st, history, drafts, n_draft)
+                history = history.at[batch[:, None], jnp.where(st.active[:, None], index[:, None] + 1 +
+                                                               jnp.arange(self.spec_k)[None], S)].set(drafts,
+                                                                                                      mode="drop")
+                counts = st.spec_counts + jnp.where(speculating, jnp.stack([jnp.sum(n_draft), jnp.sum(n_acc)]), 0)
+            else:
+                cache, taken, n_acc, scores = plain(st, history, None, None)
+                counts = st.spec_counts
+            # inactive rows wrote nothing valid; keep their write position
+            cache = cache.replace(index=jnp.where(st.active, index + n_acc + 1, index))
+            m = jnp.arange(T)[None]
+            offered = m <= n_acc[:, None]
+            stop_at = jnp.any(taken[:, :, None] == st.stop_ids[:, None, :], axis=-1) & offered
+            first_stop = jnp.where(jnp.any(stop_at, axis=1), jnp.argmax(stop_at, axis=1), T)
+            left = st.max_new - st.n_new
+            count = jnp.where(st.active, jnp.minimum(jnp.minimum(first_stop, left), n_acc + 1), 0)
+            stopped = st.active & (first_stop < jnp.minimum(left, n_acc + 1))
+            n_new = st.n_new + count
+            done = stopped | (n_new >= st.max_new) | (cache.index >= cache.max_length)
+            emitted = m < count[:, None]
+            seen = st.seen | jnp.any(jax.nn.one_hot(jnp.where(emitted, taken, -1), self.config.vocab_size, dtype=bool),
+                                     axis=1)
+            at = ptr[:, None] + m
+            out = out.at[batch[:, None], jnp.where(emitted, at, width)].set(taken, mode="drop")
+            if lps is not None:  # one more than emitted: the score of a stop token that ended the row
+                scored = jnp.where(st.active[:, None] & (m <= count[:, None]), at, width)
+                lps = jax.tree_util.tree_map(lambda buf, x: buf.at[batch[:, None], scored].set(x, mode="drop"), lps,
+                                             scores)
+            last = jnp.take_along_axis(taken, n_acc[:, None], axis=1)[:, 0]
+            st = st.replace(cache=cache, token=jnp.where(st.active, last, st.token), active=st.active & ~done,
+                            n_new=n_new, seen=seen, history=history, spec_counts=counts)
+            return i + 1, st, out, lps, ptr + count
+
+        _, state, out, lps, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out, lps,
+                                                                jnp.zeros((B,), jnp.int32)))
         return state, out, lps
 
     # -------------------------------------------------------------- adapters
@@ -353,7 +419,9 @@ class GenerationEngine:
             max_new=jnp.zeros((batch_size,), jnp.int32),
             stop_ids=jnp.full((batch_size, self.stop_slots), NO_STOP, jnp.int32),
             seen=jnp.zeros((batch_size, self.config.vocab_size), bool),
-            rows=SamplingRows.from_configs([cfg] * batch_size))
+            rows=SamplingRows.from_configs([cfg] * batch_size),
+            history=jnp.full((batch_size, S), -1, jnp.int32),
+            spec_counts=jnp.zeros((2,), jnp.int32))
 
     def prefill_plan(self, n: int, exact: bool = False) -> tuple[int, ...] | None:
         """The chunk lengths a prompt of n tokens is prefilled in, each a prompt bucket: one bucket when
@@ -513,6 +581,11 @@ class ChunkedPrefill:
         self.stop_ids = engine.stop_table(configs, eos_ids)
         self.adapter = jnp.asarray([c.adapter for c in configs], jnp.int32)
         n = len(prompts)
+        # the token at each cache slot (speculative drafts read it), the cached prefix's included
+        self.history = np.full((n, cache_len), -1, np.int32)
+        self.history[:, reused:reused + P] = np.where(np.asarray(self.mask) > 0, np.asarray(self.tokens), -1)
+        if cached is not None:
+            self.history[0, :reused] = head
         self.cache = KVCache.zeros(engine.config, n, cache_len, engine.kv_dtype) if cached is None else cached
         seen = np.zeros((n, engine.config.vocab_size), bool)
         if cached is not None:  # the cached tokens count as seen (repetition penalty)
@@ -540,7 +613,7 @@ class ChunkedPrefill:
         configs = self.configs
         max_new = jnp.asarray([c.max_new_tokens for c in configs], jnp.int32)
         prefix = eng.finish(last, self.cache, self.seen, SamplingRows.from_configs(configs), max_new, self.stop_ids,
-                            with_logprobs=self.with_logprobs)
+                            with_logprobs=self.with_logprobs, history=jnp.asarray(self.history))
         if self.with_logprobs:
             whole = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=1), *self.scores)
             prefix = prefix.replace(prompt_logprobs=_shift_scores(whole))

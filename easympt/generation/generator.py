@@ -55,7 +55,8 @@ class Generator:
     @classmethod
     def from_pretrained(cls, source: str, dtype=None, max_length: int = 2048, max_compile_tokens: int = 64,
                         tokenizer=None, cpu_kernels: bool | None = None, kv_dtype=None, quantize: str | None = None,
-                        max_loras: int = 0, max_lora_rank: int = 16, **load_kwargs) -> Generator:
+                        max_loras: int = 0, max_lora_rank: int = 16, num_speculative_tokens: int = 0,
+                        **load_kwargs) -> Generator:
         """A Generator on a checkpoint; `quantize` ("int8", "int4"): weights quantized as they load
         (a quantized easympt checkpoint loads in its own format)."""
         from easympt.transform import mpt_from_pretrained
@@ -70,7 +71,7 @@ class Generator:
         tokenizer = tokenizer or load_tokenizer(ckpt)
         return cls(model, params, tokenizer, max_length=max_length, max_compile_tokens=max_compile_tokens,
                    cpu_kernels=cpu_kernels, kv_dtype=kv_dtype, consume_params=True, max_loras=max_loras,
-                   max_lora_rank=max_lora_rank)
+                   max_lora_rank=max_lora_rank, num_speculative_tokens=num_speculative_tokens)
 
     # ---------------------------------------------------------------- helpers
     def encode(self, prompt) -> list[int]:

@@ -34,6 +34,7 @@ class SamplingConfig:
     logprobs: int | None = None  # report each generated token's log-probability and this many alternatives
     prompt_logprobs: bool = False  # also the prompt's (OpenAI `echo`); then max_new_tokens may be 0
     adapter: int = -1  # the engine's LoRA adapter slot this request runs with (-1: the base model)
+    speculate: bool = True  # use the engine's speculative decoding, if it has one (easympt.generation.speculative)
 
     def __post_init__(self):
         if not (self.temperature >= 0):
@@ -80,6 +81,7 @@ class SamplingRows:
     repetition_penalty: jax.Array
     key: jax.Array  # [B, 2] uint32: one PRNG stream per request
     adapter: jax.Array  # [B] int32: each row's LoRA adapter slot, -1 for none (easympt.adapters.lora)
+    speculate: jax.Array  # [B] bool: the row may take speculative drafts
 
     @classmethod
     def from_configs(cls, configs: list[SamplingConfig]) -> SamplingRows:
@@ -93,6 +95,7 @@ class SamplingRows:
             repetition_penalty=jnp.asarray([c.repetition_penalty for c in configs], jnp.float32),
             key=jnp.asarray(keys, jnp.uint32),
             adapter=jnp.asarray([c.adapter for c in configs], jnp.int32),
+            speculate=jnp.asarray([c.speculate for c in configs], bool),
         )
 
 
