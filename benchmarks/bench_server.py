@@ -5,6 +5,7 @@ errors and RSS growth. Everything talks to 127.0.0.1 only.
     python benchmarks/bench_server.py [--model DIR] [--max-tokens 64] [--soak 1000]
     python benchmarks/bench_server.py --loras 8     # 16 clients spread over 8 LoRA adapters vs the base alone
     python benchmarks/bench_server.py --prefix-cache  # chat turns and a shared system prompt, cache on vs off
+    python benchmarks/bench_server.py --speculative 4 --max-tokens 200  # prompt lookup vs plain decode, batch 1
 
 There is no peer here (benchmarks/peers.py says why). The figures that matter: scaling (aggregate
 tok/s at 16 clients over 1 client, target >= 4x) and what streaming costs, measured against the same
@@ -193,8 +194,15 @@ def main() -> int:
     ap.add_argument("--prefix-cache", action="store_true",
                     help="time a 10-turn chat and 16 users sharing a system prompt with the prefix cache on and off "
                          "(benchmarks/server_prefix.py; the only measurement then)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds in turns (--prefix-cache)")
+    ap.add_argument("--speculative", type=int, default=0, metavar="K",
+                    help="time prompt-lookup speculative decoding with K draft tokens against plain decoding at batch "
+                         "1 (benchmarks/server_speculative.py; the only measurement then)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds in turns (--prefix-cache, --speculative)")
     args = ap.parse_args()
+    if args.speculative:
+        import server_speculative
+
+        return server_speculative.run(args)
     if args.prefix_cache:
         import server_prefix
 
