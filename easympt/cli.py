@@ -208,7 +208,7 @@ def cmd_serve(args) -> int:
         overrides["max_new_tokens"] = args.max_new_tokens
     if args.lora:
         overrides["lora_modules"] = dict(_name_and_dir(spec) for spec in args.lora)
-    for key in ("max_loras", "max_lora_rank", "prefix_cache_bytes", "num_speculative_tokens"):
+    for key in ("max_loras", "max_lora_rank", "prefix_cache_bytes", "num_speculative_tokens", "draft_model"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.mesh:
@@ -399,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-speculative-tokens", dest="num_speculative_tokens", type=int, default=None,
                    help="prompt-lookup speculative decoding: check this many draft tokens copied from each request's "
                         "own text per step (greedy output unchanged; 0, the default: off)")
+    p.add_argument("--draft-model", dest="draft_model", default=None, metavar="PATH",
+                   help="speculative decoding with a draft model: a small MPT (dir, cache or hub id) with the same "
+                        "vocabulary proposes --num-speculative-tokens tokens (default 4) a step; greedy output unchanged")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="serve a LoRA adapter (PEFT's format) as model NAME; repeatable; a request picks it with "
                         "\"model\": NAME")

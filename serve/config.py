@@ -42,6 +42,9 @@ class JaxServerConfig(BaseModel):
     num_speculative_tokens: int = Field(0, ge=0, le=16, description="prompt-lookup speculative decoding: draft "
                                         "tokens copied from each request's own text and checked per step (0: off); "
                                         "a request opts out with \"speculative\": false")
+    draft_model: str | None = Field(None, description="speculative decoding with a draft model: a small MPT checkpoint "
+                                                      "(dir, cache or hub id) of the same vocabulary; its greedy "
+                                                      "drafts replace prompt lookup (num_speculative_tokens: 4 if 0)")
     use_prefix_tokenizer: bool = True
     pre_compile: bool = True
     stream_tokens_for_gradio: bool = True

@@ -47,6 +47,9 @@ class DeviceBatch:
         """prefix_blocks: blocks of the prefix cache's pool (easympt.generation.prefix_cache; 0: none)."""
         self.engine, self.batch_size, self.eos_ids = engine, batch_size, tuple(eos_ids)
         self.pool = BlockPool(engine, prefix_blocks, engine.max_compile_tokens) if prefix_blocks else None
+        self.draft_pool = None  # the draft model's KV of the same blocks (speculative decoding)
+        if prefix_blocks and engine.draft_config is not None:
+            self.draft_pool = BlockPool(engine, prefix_blocks, engine.max_compile_tokens, engine.draft_config)
         self.state = None
         self.long: dict[int, ChunkedPrefill] = {}  # slot -> a long prompt being prefilled chunk by chunk
         self.in_flight: list = []  # decode dispatches not yet read, oldest first
@@ -57,8 +60,9 @@ class DeviceBatch:
         self.state = self.engine.empty_state(self.batch_size)
         self.cache_len = self.state.cache.max_length
         self.long, self.in_flight = {}, []
-        if self.pool is not None:  # the scheduler forgets its index on every reset too
-            self.pool.clear()
+        for pool in (self.pool, self.draft_pool):  # the scheduler forgets its index on every reset too
+            if pool is not None:
+                pool.clear()
 
     def ping(self) -> None:
         """Nothing: sent to the followers while idle, it shows whether they still answer."""
@@ -76,13 +80,19 @@ class DeviceBatch:
         """Start slot's prompt from its first `reused` tokens' KV in the prefix pool's `blocks`; the
         rest prefills chunk by chunk (`chunk`) as a long prompt does."""
         cached = self.pool.load(blocks, reused, self.cache_len)
+        draft = None if self.draft_pool is None else self.draft_pool.load(blocks, reused, self.cache_len)
         self.long[slot] = self.engine.start_prefill([prompt], [config], self.eos_ids, cache_len=self.cache_len,
-                                                    cached=cached)
+                                                    cached=cached, draft_cached=draft)
 
     def save_prefix(self, slot: int, start: int, blocks: list[tuple[int, int]]) -> None:
         """Copy decode row `slot`'s token blocks (its first token at cache slot `start`) into the prefix
         pool: blocks [(block position, pool id)] (PrefixIndex.insert)."""
-        self.pool.save(self.state.cache, slot, start, blocks)
+        self.save_prefix_of(self.state, slot, start, blocks)
+
+    def save_prefix_of(self, state, slot: int, start: int, blocks: list[tuple[int, int]]) -> None:
+        self.pool.save(state.cache, slot, start, blocks)
+        if self.draft_pool is not None:
+            self.draft_pool.save(state.draft_cache, slot, start, blocks)
 
     def drop_long(self, slot: int) -> None:
         self.long.pop(slot, None)

@@ -231,7 +231,7 @@ def build_app(server) -> FastAPI:
                               for a in server.adapters.loaded.values()},
             "max_loras": cfg.max_loras, "max_lora_rank": cfg.max_lora_rank if cfg.max_loras else None,
             "prefix_cache": server.scheduler.prefix.stats() if server.scheduler.prefix else None,
-            "num_speculative_tokens": server.engine.spec_k,
+            "num_speculative_tokens": server.engine.spec_k, "draft_model": cfg.draft_model,
             "model_config": {"d_model": m.d_model, "n_heads": m.n_heads, "n_layers": m.n_layers,
                              "vocab_size": m.vocab_size, "max_seq_len": m.max_seq_len},
         }

@@ -96,12 +96,18 @@ class JAXServer:
         server.model, server.tokenizer = model, tokenizer
         if cfg.max_loras and jax.process_count() > 1:
             raise ValueError("LoRA adapters are served by one process; a multi-process server has none")
+        draft = {}
+        if cfg.draft_model:
+            from easympt.generation.generator import load_draft_model
+
+            draft = dict(zip(("draft_model", "draft_params"), load_draft_model(cfg.draft_model, model.dtype,
+                                                                               model.param_dtype)))
         server.engine = GenerationEngine(model, params, max_length=cfg.max_length,
                                          max_compile_tokens=cfg.max_compile_tokens, prefill_chunk=cfg.prefill_chunk,
                                          kv_dtype=None if cfg.kv_dtype == "auto" else cfg.kv_dtype,
                                          consume_params=consume_params, max_loras=cfg.max_loras,
                                          max_lora_rank=cfg.max_lora_rank,
-                                         num_speculative_tokens=cfg.num_speculative_tokens)
+                                         num_speculative_tokens=cfg.num_speculative_tokens, **draft)
         del params  # on CPU the engine holds a packed copy (easympt.kernels.cpu): keep only that one
         eos = {config_model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         eos = tuple(sorted(i for i in eos if i is not None))
@@ -195,15 +201,19 @@ class JAXServer:
             if bucket + 1 >= eng.max_length:
                 continue
             cached = batch.pool.load([0], 1, batch.cache_len)
-            job = eng.start_prefill([[0] * (bucket + 1)], [warm], cache_len=batch.cache_len, cached=cached)
+            draft = batch.draft_pool.load([0], 1, batch.cache_len) if batch.draft_pool else None
+            job = eng.start_prefill([[0] * (bucket + 1)], [warm], cache_len=batch.cache_len, cached=cached,
+                                    draft_cached=draft)
             while not job.done:
                 job.step()
             state = eng.insert(job.prefix, state, jax.numpy.asarray([self.config.batch_size], jax.numpy.int32))
         # as for inserts: a fresh pool and one a save produced are two programs
         for _ in range(2):
-            batch.pool.save(state.cache, 0, 0, [(0, batch.pool.n_blocks)])  # a pool id past the pool: dropped
-        jax.block_until_ready(batch.pool.load([0], 1, batch.cache_len).index)
-        batch.pool.clear()
+            batch.save_prefix_of(state, 0, 0, [(0, batch.pool.n_blocks)])  # a pool id past the pool: dropped
+        for pool in (batch.pool, batch.draft_pool):
+            if pool is not None:
+                jax.block_until_ready(pool.load([0], 1, batch.cache_len).index)
+                pool.clear()
 
     def log_memory(self) -> None:
         for d in jax.local_devices():

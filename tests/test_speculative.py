@@ -125,3 +125,69 @@ def test_a_server_speculates_per_request_and_counts_acceptance(lm_checkpoint):
             assert "easympt_speculative_accepted_tokens_total 0.0" not in metrics
     finally:
         srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def draft_checkpoint(tmp_path_factory, tokenizer):
+    """A smaller random MPT with the test tokenizer's vocabulary: a draft model that often disagrees."""
+    from conftest import make_hf_checkpoint
+
+    path = tmp_path_factory.mktemp("draft") / "mpt"
+    make_hf_checkpoint(path, seed=9, vocab_size=len(tokenizer), max_seq_len=96, n_heads=2, d_model=32,
+                       n_layers=1, eos_token_id=tokenizer.eos_token_id)
+    return str(path)
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_a_draft_model_changes_no_greedy_token(lm_checkpoint, draft_checkpoint, generators, cpu_kernels):
+    """Drafts from the model itself are all accepted; from another model some are: either way the
+    greedy tokens are plain decoding's."""
+    prompts = _repetitive(1)
+    configs = [SamplingConfig(temperature=0.0, max_new_tokens=40)] * 3
+    plain = [r.token_ids for r in generators[0].generate_batch(prompts, configs)]
+    for draft in (lm_checkpoint, draft_checkpoint):
+        g = Generator.from_pretrained(lm_checkpoint, max_length=192, max_compile_tokens=16, progress=False,
+                                      draft_model=draft, cpu_kernels=cpu_kernels)
+        g.eos_ids = ()
+        assert g.engine.spec_k == 4
+        assert [r.token_ids for r in g.generate_batch(prompts, configs)] == plain
+        eng = g.engine
+        state = eng.start(eng.prefill_batch(prompts, configs, (), cache_len=192))
+        state, _ = eng.generate(eng.params, state, n_steps=4)
+        drafted, accepted = np.asarray(state.spec_counts).tolist()
+        assert drafted == 4 * 4 * 3 and (accepted == drafted if draft == lm_checkpoint else 0 < accepted < drafted)
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused(lm_checkpoint, tmp_path):
+    from conftest import make_hf_checkpoint
+
+    other = make_hf_checkpoint(tmp_path / "other", vocab_size=77, max_seq_len=96, n_heads=2, d_model=32, n_layers=1)
+    with pytest.raises(ValueError, match=r"draft model's vocabulary \(77 tokens\) differs"):
+        Generator.from_pretrained(lm_checkpoint, max_length=192, progress=False, draft_model=str(other))
+
+
+def test_a_server_with_a_draft_model_and_the_prefix_cache(lm_checkpoint, draft_checkpoint):
+    """`draft_model` in the config: the draft model's KV rides along in the prefix cache, so a chat's
+    second turn (a cache hit) still drafts; text equals the same server's without drafts."""
+    import httpx
+
+    from conftest import SERVER_CONFIG
+    from easympt.serve import MPTJaxServer
+
+    srv = MPTJaxServer.from_pretrained(lm_checkpoint, config={**SERVER_CONFIG, "draft_model": draft_checkpoint},
+                                       progress=False)
+    srv.fire()
+    try:
+        assert srv.device_batch.draft_pool is not None
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            turn = {"prompt": "def add(a, b):\n    return a + b\n\n" * 3, "max_tokens": 24, "temperature": 0}
+            first = c.post("/v1/completions", json=turn).json()["choices"][0]["text"]
+            again = {**turn, "prompt": turn["prompt"] + first + "\nprint(add(1, 2))\n"}
+            spec = c.post("/v1/completions", json=again).json()["choices"][0]["text"]
+            assert srv.scheduler.prefix.hits >= 1
+            plain = c.post("/v1/completions", json={**again, "speculative": False}).json()["choices"][0]["text"]
+            assert spec == plain
+            status = c.get("/status").json()
+            assert status["draft_model"] == draft_checkpoint and status["num_speculative_tokens"] == 4
+    finally:
+        srv.shutdown()

@@ -42,6 +42,7 @@ class Prefix:
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: TokenLogprobs | None = None
     history: jax.Array | None = None  # [n, cache length] the token at each cache slot, -1 none (drafts)
+    draft_cache: KVCache | None = None  # the draft model's cache of the same prompts (speculative decoding)
 
 
 @flax.struct.dataclass
@@ -56,6 +57,7 @@ class DecodeState:
     rows: SamplingRows
     history: jax.Array  # [B, S] int32: the token at each cache slot, -1 none (speculative drafts)
     spec_counts: jax.Array  # [2] int32: draft tokens checked and accepted so far (all rows)
+    draft_cache: KVCache | None = None  # [B, S] the draft model's, in step with `cache`
 
 
 def prefill_buckets(max_compile_tokens: int, max_length: int) -> tuple[int, ...]:
@@ -136,7 +138,7 @@ class GenerationEngine:
     def __init__(self, model: FlaxMptForCausalLM, params, max_length: int = 2048, max_compile_tokens: int = 64,
                  stop_slots: int = 8, prefill_chunk: int = 2048, cpu_kernels: bool | None = None,
                  kv_dtype=None, consume_params: bool = False, max_loras: int = 0, max_lora_rank: int = 16,
-                 num_speculative_tokens: int = 0):
+                 num_speculative_tokens: int = 0, draft_model: FlaxMptForCausalLM | None = None, draft_params=None):
         cfg = model.config
         if cfg.uses_learned_pos_emb and max_length > cfg.max_seq_len:
             raise ValueError(f"max_length {max_length} exceeds max_seq_len {cfg.max_seq_len} of a model with "
@@ -166,24 +168,47 @@ class GenerationEngine:
         self.max_length = int(max_length)
         if not 0 <= num_speculative_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must lie in [0, 16], got {num_speculative_tokens}")
-        self.spec_k = int(num_speculative_tokens)  # prompt-lookup drafts checked per step (0: none)
+        self.spec_k = int(num_speculative_tokens)  # drafts checked per step (0: none)
+        # a draft model proposes the drafts (else prompt lookup does): a small MPT of the same vocabulary
+        self.draft_module = self.draft_params = self.draft_config = None
+        if draft_model is not None:
+            if draft_model.config.vocab_size != cfg.vocab_size:
+                raise ValueError(f"the draft model's vocabulary ({draft_model.config.vocab_size} tokens) differs from "
+                                 f"the model's ({cfg.vocab_size}): a draft model must share its tokenizer")
+            if draft_model.config.uses_learned_pos_emb and max_length > draft_model.config.max_seq_len:
+                raise ValueError(f"max_length {max_length} exceeds the draft model's max_seq_len "
+                                 f"{draft_model.config.max_seq_len} (learned position embeddings)")
+            if model.mesh is not None or draft_model.mesh is not None:
+                raise ValueError("a draft model runs on one device; no mesh")
+            self.draft_module, self.draft_params = _with_cpu_kernels(draft_model, unwrap_params(draft_params),
+                                                                     cpu_kernels, consume_params)
+            self.draft_config = draft_model.config
+            self.spec_k = self.spec_k or 4
         self.max_compile_tokens = int(max_compile_tokens)
         # prompts up to one chunk prefill in one pass (power-of-two buckets); longer ones chunk by chunk
         self.prefill_chunk = int(min(prefill_chunk, self.max_length))
         self.buckets = prefill_buckets(self.max_compile_tokens, self.prefill_chunk)
         self.stop_slots = stop_slots
-        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "with_logprobs"))
-        self.extend = jax.jit(self._extend, static_argnames=("with_logprobs",), donate_argnums=(3,))
+        prefill = jax.jit(self._prefill, static_argnames=("cache_len", "with_logprobs"))
+        self.prefill = lambda params, *a, **kw: prefill(params, self.draft_params, *a, **kw)  # noqa: E731
+        extend = jax.jit(self._extend, static_argnames=("with_logprobs",), donate_argnums=(4, 5))
+        self.extend = lambda params, *a, **kw: extend(params, self.draft_params, *a, **kw)  # noqa: E731
         self.finish = jax.jit(self._finish, static_argnames=("with_logprobs",), donate_argnums=(1,))
         self.insert = jax.jit(self._insert, donate_argnums=(1,))
         # one compiled decode loop without log-probabilities (the common case) and one with
         # `window`: attend over the first `window` cache slots only (every row's keys must lie there)
-        self.generate = jax.jit(
-            lambda params, state, n_steps, window=None: self._generate(params, state, n_steps, False, window)[:2],
-            static_argnames=("n_steps", "window"), donate_argnums=(1,))
-        self.generate_logprobs = jax.jit(
-            lambda params, state, n_steps, window=None: self._generate(params, state, n_steps, True, window),
-            static_argnames=("n_steps", "window"), donate_argnums=(1,))
+        # (the draft model's params, when there is one, are passed beside the model's)
+        generate = jax.jit(
+            lambda params, dparams, state, n_steps, window=None: self._generate(params, dparams, state, n_steps, False,
+                                                                                window)[:2],
+            static_argnames=("n_steps", "window"), donate_argnums=(2,))
+        self.generate = lambda params, state, **kw: generate(params, self.draft_params, state, **kw)  # noqa: E731
+        generate_logprobs = jax.jit(
+            lambda params, dparams, state, n_steps, window=None: self._generate(params, dparams, state, n_steps, True,
+                                                                                window),
+            static_argnames=("n_steps", "window"), donate_argnums=(2,))
+        self.generate_logprobs = lambda params, state, **kw: generate_logprobs(  # noqa: E731
+            params, self.draft_params, state, **kw)
         self.start = jax.jit(self._start, donate_argnums=(0,))  # the decode state takes over the prefix's cache
 
     # ------------------------------------------------------------ device side
@@ -201,26 +226,36 @@ class GenerationEngine:
             variables[lora.ROWS] = lora.rows_collection(params, adapter)
         return self.module.apply(variables, tokens, mask, cache, None, None, True, logits_slice, cache_window)
 
-    def _extend(self, params, tokens, mask, cache: KVCache, seen, next_tokens, with_logprobs: bool,
-                window: int | None = None, adapter=None):
-        """One prompt chunk [n, C] into `cache`: (cache, seen, last position's logits [n, V], and with
-        `with_logprobs` the TokenLogprobs [n, C] of `next_tokens`, each position's following token).
-        `window`: attend over the cache's first `window` slots only (every row's keys lie there).
-        `adapter` [n]: each row's LoRA slot."""
+    def _draft_forward(self, dparams, tokens, mask, cache, logits_slice=None, cache_window=None):
+        """The draft model's logits and cache (no adapters)."""
+        return self.draft_module.apply({"params": dparams}, tokens, mask, cache, None, None, True, logits_slice,
+                                       cache_window)
+
+    def _draft_zeros(self, n: int, cache_len: int) -> KVCache | None:
+        return None if self.draft_module is None else KVCache.zeros(self.draft_config, n, cache_len, self.kv_dtype)
+
+    def _extend(self, params, dparams, tokens, mask, cache: KVCache, draft_cache, seen, next_tokens,
+                with_logprobs: bool, window: int | None = None, adapter=None):
+        """One prompt chunk [n, C] into `cache` (and the draft model's `draft_cache`, if any): (cache,
+        draft cache, seen, last position's logits [n, V], and with `with_logprobs` the TokenLogprobs
+        [n, C] of `next_tokens`, each position's following token). `window`: attend over the cache's
+        first `window` slots only (every row's keys lie there). `adapter` [n]: each row's LoRA slot."""
         C = tokens.shape[1]
         logits, cache = self._forward(params, tokens, mask, cache, logits_slice=None if with_logprobs else (C - 1, 1),
                                       cache_window=window, adapter=adapter)
+        if draft_cache is not None:
+            draft_cache = self._draft_forward(dparams, tokens, mask, draft_cache, (C - 1, 1), window)[1]
         seen = jax.vmap(lambda s, t, m: s.at[t].max(m))(seen, tokens, mask.astype(bool))
-        return cache, seen, logits[:, -1], token_logprobs(logits, next_tokens) if with_logprobs else None
+        return cache, draft_cache, seen, logits[:, -1], token_logprobs(logits, next_tokens) if with_logprobs else None
 
     def _finish(self, last_logits, cache, seen, rows: SamplingRows, max_new, stop_ids, with_logprobs: bool,
-                history) -> Prefix:
+                history, draft_cache=None) -> Prefix:
         """Sample every row's first token from its last prompt position."""
         token = sample(last_logits, rows, jnp.zeros((last_logits.shape[0],), jnp.int32), seen)
-        prefix = Prefix(cache, token, seen, rows, max_new, stop_ids, history=history)
+        prefix = Prefix(cache, token, seen, rows, max_new, stop_ids, history=history, draft_cache=draft_cache)
         return prefix.replace(logprobs=token_logprobs(last_logits, token)) if with_logprobs else prefix
 
-    def _prefill(self, params, tokens, mask, rows: SamplingRows, max_new, stop_ids, cache_len: int,
+    def _prefill(self, params, dparams, tokens, mask, rows: SamplingRows, max_new, stop_ids, cache_len: int,
                  with_logprobs: bool = False) -> Prefix:
         """tokens/mask [n, P], left padded; the last column is every row's last prompt token.
         `with_logprobs` keeps every position's logits of this same pass to score the prompt."""
@@ -230,10 +265,11 @@ class GenerationEngine:
         # a fresh cache: the prompt fills slots 0..P-1, so its attention reads those alone rather than
         # the room left for the reply (a 512-token prompt in a 1,024-slot cache: 548 -> 459 ms on mpt-125m)
         window = P if P < cache_len else None
-        cache, seen, last, lp = self._extend(params, tokens, mask, cache, seen, _following(tokens), with_logprobs,
-                                             window, rows.adapter)
+        cache, draft_cache, seen, last, lp = self._extend(params, dparams, tokens, mask, cache,
+                                                          self._draft_zeros(n, cache_len), seen, _following(tokens),
+                                                          with_logprobs, window, rows.adapter)
         history = jnp.full((n, cache_len), -1, jnp.int32).at[:, :P].set(jnp.where(mask > 0, tokens, -1))
-        prefix = self._finish(last, cache, seen, rows, max_new, stop_ids, with_logprobs, history)
+        prefix = self._finish(last, cache, seen, rows, max_new, stop_ids, with_logprobs, history, draft_cache)
         return prefix.replace(prompt_logprobs=_shift_scores(lp)) if with_logprobs else prefix
 
     def _start(self, prefix: Prefix, capacity: int | None = None) -> DecodeState:
@@ -245,27 +281,18 @@ class GenerationEngine:
         active = ~stopped & (n_new < prefix.max_new) & room
         seen = prefix.seen | (jax.nn.one_hot(token, self.config.vocab_size, dtype=bool) & ~stopped[:, None])
         return DecodeState(prefix.cache, token, active, n_new, prefix.max_new, prefix.stop_ids, seen,
-                           prefix.rows, prefix.history, jnp.zeros((2,), jnp.int32))
+                           prefix.rows, prefix.history, jnp.zeros((2,), jnp.int32), prefix.draft_cache)
 
     def _insert(self, prefix: Prefix, state: DecodeState, slots) -> DecodeState:
         """Rows `slots` [n] of `state` take the prefilled prompts; other rows are untouched. A slot
         index past the batch drops its row (a filler row of a padded prefill batch)."""
         prefix = prefix.replace(logprobs=None, prompt_logprobs=None)  # host-side results; one compiled insert
-        c = state.cache
-        new = self._start(prefix, capacity=c.max_length)
+        new = self._start(prefix, capacity=state.cache.max_length)
         P = prefix.cache.max_length
-
-        rows = cache_rows(slots, self.config.kv_heads)  # the slots' rows of the merged batch-and-heads dim
-        key_valid = c.key_valid.at[slots].set(False, mode="drop")
-        key_valid = key_valid.at[slots, :P].set(prefix.cache.key_valid, mode="drop")
-        cache = c.replace(
-            keys=jax.tree_util.tree_map(lambda b, r: b.at[rows, :, :P].set(r.astype(b.dtype), mode="drop"),
-                                        c.keys, prefix.cache.keys),
-            values=jax.tree_util.tree_map(lambda b, r: b.at[rows, :P].set(r.astype(b.dtype), mode="drop"),
-                                          c.values, prefix.cache.values),
-            key_valid=key_valid,
-            index=c.index.at[slots].set(prefix.cache.index, mode="drop"),
-            n_tokens=c.n_tokens.at[slots].set(prefix.cache.n_tokens, mode="drop"))
+        cache = _put_cache_rows(state.cache, prefix.cache, slots, self.config.kv_heads)
+        draft_cache = None
+        if state.draft_cache is not None:
+            draft_cache = _put_cache_rows(state.draft_cache, prefix.draft_cache, slots, self.draft_config.kv_heads)
         put_rows = lambda a, b: a.at[slots].set(b, mode="drop")  # noqa: E731
         rows = jax.tree_util.tree_map(put_rows, state.rows, new.rows)
         return DecodeState(
@@ -278,9 +305,10 @@ class GenerationEngine:
             seen=put_rows(state.seen, new.seen),
             rows=rows,
             history=state.history.at[slots].set(-1, mode="drop").at[slots, :P].set(new.history, mode="drop"),
-            spec_counts=state.spec_counts)
+            spec_counts=state.spec_counts,
+            draft_cache=draft_cache)
 
-    def _generate(self, params, state: DecodeState, n_steps: int, with_logprobs: bool = False,
+    def _generate(self, params, dparams, state: DecodeState, n_steps: int, with_logprobs: bool = False,
                   window: int | None = None):
         """Up to n_steps decode steps; tokens [B, n_steps * (k + 1)] (k: num_speculative_tokens), each
         row's emitted tokens first and -1 after them, and with `with_logprobs` their TokenLogprobs
@@ -300,19 +328,23 @@ class GenerationEngine:
             i, st, *_ = carry
             return (i < n_steps) & jnp.any(st.active)
 
-        def plain(st, history, drafts, n_draft):
-            """One token per row: (cache, taken [B, T] (-1 after the first), accepted drafts [B], scores)."""
+        def plain(st, history, drafts, n_draft, draft_cache):
+            """One token per row: (cache, draft cache, taken [B, T] (-1 after the first), accepted drafts [B],
+            scores)."""
             logits, cache = self._forward(params, st.token[:, None], st.active[:, None], st.cache, cache_window=window,
                                           adapter=st.rows.adapter)
+            if draft_cache is not None:  # the draft model reads every token the model does
+                draft_cache = self._draft_forward(dparams, st.token[:, None], st.active[:, None], draft_cache,
+                                                  (0, 1), window)[1]
             token = sample(logits[:, 0], st.rows, st.n_new, st.seen)
             taken = jnp.full((B, T), -1, jnp.int32).at[:, 0].set(token)
             scores = None
             if with_logprobs:
                 scores = jax.tree_util.tree_map(lambda x: jnp.repeat(x[:, None], T, axis=1),
                                                 token_logprobs(logits[:, 0], token))
-            return cache, taken, jnp.zeros((B,), jnp.int32), scores
+            return cache, draft_cache, taken, jnp.zeros((B,), jnp.int32), scores
 
-        def checked(st, history, drafts, n_draft):
+        def checked(st, history, drafts, n_draft, draft_cache):
             """The current token and k drafts in one pass; the drafts the model agrees with are kept."""
             fed = jnp.concatenate([st.token[:, None], drafts], axis=1)
             logits, cache = self._forward(params, fed, jnp.repeat(st.active[:, None], T, axis=1).astype(jnp.int32),
@@ -322,30 +354,62 @@ class GenerationEngine:
             end = st.cache.index + n_acc + 1
             pos = jnp.arange(S)[None]
             stale = (pos >= end[:, None]) & (pos < st.cache.index[:, None] + T)
-            cache = cache.replace(key_valid=cache.key_valid & ~stale,
-                                  n_tokens=st.cache.n_tokens + jnp.where(st.active, n_acc + 1, 0))
+
+            def rewind(c):
+                return c.replace(key_valid=c.key_valid & ~stale,
+                                 n_tokens=st.cache.n_tokens + jnp.where(st.active, n_acc + 1, 0))
+
             scores = token_logprobs(logits, jnp.maximum(taken, 0)) if with_logprobs else None
-            return cache, taken, n_acc, scores
+            return rewind(cache), None if draft_cache is None else rewind(draft_cache), taken, n_acc, scores
+
+        def drafted_by_model(st):
+            """k greedy drafts of the draft model: it reads the current token and then its own drafts, k + 1
+            tokens in all, so its cache holds every token the check may accept."""
+            def one(carry, _):
+                token, c = carry
+                logits, c = self._draft_forward(dparams, token[:, None], st.active[:, None], c, (0, 1), window)
+                nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+                return (nxt, c), nxt
+
+            (_, draft_cache), outs = jax.lax.scan(one, (st.token, st.draft_cache), None, length=T)
+            return outs[:self.spec_k].T, draft_cache
 
         def body(carry):
             i, st, out, lps, ptr = carry
             index = st.cache.index
             history = st.history.at[batch, jnp.where(st.active, index, S)].set(st.token, mode="drop")
-            if T > 1:
+            room = jnp.all(index + T <= (window or S))  # every row's k + 1 slots fit: none is clamped
+            if T > 1 and st.draft_cache is not None:
+                n_draft = jnp.where(st.active & st.rows.speculate, self.spec_k, 0)
+                speculating = jnp.any(n_draft > 0) & room
+
+                def with_draft_model(st, history, n_draft):
+                    drafts, draft_cache = drafted_by_model(st)
+                    return drafts, checked(st, history, drafts, n_draft, draft_cache)
+
+                def without(st, history, n_draft):
+                    return jnp.zeros((B, self.spec_k), jnp.int32), plain(st, history, None, None, st.draft_cache)
+
+                drafts, (cache, draft_cache, taken, n_acc, scores) = jax.lax.cond(
+                    speculating, with_draft_model, without, st, history, n_draft)
+            elif T > 1:
                 drafts, n_draft = speculative.ngram_drafts(history, index, self.spec_k)
                 n_draft = jnp.where(st.active & st.rows.speculate, n_draft, 0)
-                room = jnp.all(index + T <= (window or S))  # every row's k + 1 slots fit: none is clamped
                 speculating = jnp.any(n_draft > 0) & room
-                cache, taken, n_acc, scores = jax.lax.cond(speculating, checked, plain, st, history, drafts, n_draft)
+                cache, draft_cache, taken, n_acc, scores = jax.lax.cond(speculating, checked, plain, st, history,
+                                                                        drafts, n_draft, None)
+            if T > 1:
                 history = history.at[batch[:, None], jnp.where(st.active[:, None], index[:, None] + 1 +
                                                                jnp.arange(self.spec_k)[None], S)].set(drafts,
                                                                                                       mode="drop")
                 counts = st.spec_counts + jnp.where(speculating, jnp.stack([jnp.sum(n_draft), jnp.sum(n_acc)]), 0)
             else:
-                cache, taken, n_acc, scores = plain(st, history, None, None)
+                cache, draft_cache, taken, n_acc, scores = plain(st, history, None, None, None)
                 counts = st.spec_counts
             # inactive rows wrote nothing valid; keep their write position
             cache = cache.replace(index=jnp.where(st.active, index + n_acc + 1, index))
+            if draft_cache is not None:
+                draft_cache = draft_cache.replace(index=cache.index)
             m = jnp.arange(T)[None]
             offered = m <= n_acc[:, None]
             stop_at = jnp.any(taken[:, :, None] == st.stop_ids[:, None, :], axis=-1) & offered
@@ -366,7 +430,7 @@ class GenerationEngine:
                                              scores)
             last = jnp.take_along_axis(taken, n_acc[:, None], axis=1)[:, 0]
             st = st.replace(cache=cache, token=jnp.where(st.active, last, st.token), active=st.active & ~done,
-                            n_new=n_new, seen=seen, history=history, spec_counts=counts)
+                            n_new=n_new, seen=seen, history=history, spec_counts=counts, draft_cache=draft_cache)
             return i + 1, st, out, lps, ptr + count
 
         _, state, out, lps, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out, lps,
@@ -421,7 +485,8 @@ class GenerationEngine:
             seen=jnp.zeros((batch_size, self.config.vocab_size), bool),
             rows=SamplingRows.from_configs([cfg] * batch_size),
             history=jnp.full((batch_size, S), -1, jnp.int32),
-            spec_counts=jnp.zeros((2,), jnp.int32))
+            spec_counts=jnp.zeros((2,), jnp.int32),
+            draft_cache=self._draft_zeros(batch_size, S))
 
     def prefill_plan(self, n: int, exact: bool = False) -> tuple[int, ...] | None:
         """The chunk lengths a prompt of n tokens is prefilled in, each a prompt bucket: one bucket when
@@ -491,7 +556,8 @@ class GenerationEngine:
                             with_logprobs=any(c.wants_logprobs for c in configs))
 
     def start_prefill(self, prompts: list[list[int]], configs: list[SamplingConfig], eos_ids=(),
-                      cache_len: int | None = None, cached: KVCache | None = None) -> ChunkedPrefill:
+                      cache_len: int | None = None, cached: KVCache | None = None,
+                      draft_cached: KVCache | None = None) -> ChunkedPrefill:
         """A prefill that runs one `prefill_chunk` of the prompts per `step()`, straight into a decode
         cache of `cache_len` (default max_length) slots, so a prompt of any length compiles the same
         few shapes and a server can run decode steps of other rows between its chunks.
@@ -500,7 +566,7 @@ class GenerationEngine:
         `cached.index` tokens (a prefix cache hit, easympt.generation.prefix_cache); only the rest is
         prefilled. That rest must fill its chunk shapes exactly (see prefix_reuse), so no padding
         falls between the cached tokens and the new ones (ALiBi reads slot distances)."""
-        return ChunkedPrefill(self, prompts, configs, eos_ids, cache_len or self.max_length, cached)
+        return ChunkedPrefill(self, prompts, configs, eos_ids, cache_len or self.max_length, cached, draft_cached)
 
     def prefix_reuse(self, n_prompt: int, n_cached: int) -> int:
         """How many of a prompt's first `n_cached` cached tokens to reuse: all but enough to make the
@@ -545,6 +611,22 @@ class GenerationEngine:
 
 
 
+def _put_cache_rows(c: KVCache, new: KVCache, slots, kv_heads: int) -> KVCache:
+    """Cache `c` with rows `slots` replaced by `new`'s rows (its slots 0..P-1, the rest emptied)."""
+    P = new.max_length
+    rows = cache_rows(slots, kv_heads)  # the slots' rows of the merged batch-and-heads dim
+    key_valid = c.key_valid.at[slots].set(False, mode="drop")
+    key_valid = key_valid.at[slots, :P].set(new.key_valid, mode="drop")
+    return c.replace(
+        keys=jax.tree_util.tree_map(lambda b, r: b.at[rows, :, :P].set(r.astype(b.dtype), mode="drop"), c.keys,
+                                    new.keys),
+        values=jax.tree_util.tree_map(lambda b, r: b.at[rows, :P].set(r.astype(b.dtype), mode="drop"), c.values,
+                                      new.values),
+        key_valid=key_valid,
+        index=c.index.at[slots].set(new.index, mode="drop"),
+        n_tokens=c.n_tokens.at[slots].set(new.n_tokens, mode="drop"))
+
+
 def _put_adapter(params, slot, adapter):
     """params with slot `slot` of every adapter leaf replaced by `adapter`'s ([K, r] / [r, N] each)."""
     base, slots = lora.split(params)
@@ -556,7 +638,7 @@ class ChunkedPrefill:
     """A long prompt's prefill, one chunk per `step()`; `prefix` is ready once `done`."""
 
     def __init__(self, engine: GenerationEngine, prompts, configs, eos_ids, cache_len: int,
-                 cached: KVCache | None = None):
+                 cached: KVCache | None = None, draft_cached: KVCache | None = None):
         reused = 0
         if cached is not None:
             reused = int(cached.index[0])
@@ -587,6 +669,9 @@ class ChunkedPrefill:
         if cached is not None:
             self.history[0, :reused] = head
         self.cache = KVCache.zeros(engine.config, n, cache_len, engine.kv_dtype) if cached is None else cached
+        self.draft_cache = engine._draft_zeros(n, cache_len) if cached is None else draft_cached
+        if (self.draft_cache is None) != (engine.draft_module is None):
+            raise ValueError("a cached prefix of an engine with a draft model needs the draft model's cache too")
         seen = np.zeros((n, engine.config.vocab_size), bool)
         if cached is not None:  # the cached tokens count as seen (repetition penalty)
             seen[0, np.asarray(head, np.int64)] = True
@@ -602,8 +687,9 @@ class ChunkedPrefill:
     def step(self) -> None:
         eng = self.engine
         chunk = slice(*self.bounds[self.next_chunk])
-        self.cache, self.seen, last, lp = eng.extend(eng.params, self.tokens[:, chunk], self.mask[:, chunk], self.cache,
-                                                     self.seen, self.following[:, chunk],
+        self.cache, self.draft_cache, self.seen, last, lp = eng.extend(
+            eng.params, self.tokens[:, chunk], self.mask[:, chunk], self.cache, self.draft_cache, self.seen,
+            self.following[:, chunk],
                                                      with_logprobs=self.with_logprobs, adapter=self.adapter)
         if lp is not None:
             self.scores.append(lp)
@@ -613,8 +699,9 @@ class ChunkedPrefill:
         configs = self.configs
         max_new = jnp.asarray([c.max_new_tokens for c in configs], jnp.int32)
         prefix = eng.finish(last, self.cache, self.seen, SamplingRows.from_configs(configs), max_new, self.stop_ids,
-                            with_logprobs=self.with_logprobs, history=jnp.asarray(self.history))
+                            with_logprobs=self.with_logprobs, history=jnp.asarray(self.history),
+                            draft_cache=self.draft_cache)
         if self.with_logprobs:
             whole = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=1), *self.scores)
             prefix = prefix.replace(prompt_logprobs=_shift_scores(whole))
-        self.prefix, self.cache, self.seen = prefix, None, None
+        self.prefix, self.cache, self.draft_cache, self.seen = prefix, None, None, None

@@ -38,6 +38,16 @@ def _sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penal
                           tuple([stop] if isinstance(stop, str) else stop), tuple(stop_token_ids))
 
 
+def load_draft_model(source: str, compute, weights) -> tuple[FlaxMptForCausalLM, dict]:
+    """(model, params) of a draft model for speculative decoding: any MPT checkpoint (dir, cache or hub
+    id) whose vocabulary is the model's (the engine checks), in the model's compute and weight dtypes."""
+    from easympt.transform import mpt_from_pretrained
+    from easympt.transform.hf_to_flax import resolve_checkpoint_dir
+
+    params, config = mpt_from_pretrained(resolve_checkpoint_dir(source), dtype=weights, progress=False)
+    return FlaxMptForCausalLM(config, dtype=compute, param_dtype=weights, _do_init=False), params
+
+
 class Generator:
     """`generate` (a prompt or a batch) and `stream` (one prompt) over a GenerationEngine."""
 
@@ -56,7 +66,7 @@ class Generator:
     def from_pretrained(cls, source: str, dtype=None, max_length: int = 2048, max_compile_tokens: int = 64,
                         tokenizer=None, cpu_kernels: bool | None = None, kv_dtype=None, quantize: str | None = None,
                         max_loras: int = 0, max_lora_rank: int = 16, num_speculative_tokens: int = 0,
-                        **load_kwargs) -> Generator:
+                        draft_model: str | None = None, **load_kwargs) -> Generator:
         """A Generator on a checkpoint; `quantize` ("int8", "int4"): weights quantized as they load
         (a quantized easympt checkpoint loads in its own format)."""
         from easympt.transform import mpt_from_pretrained
@@ -69,9 +79,12 @@ class Generator:
         model = FlaxMptForCausalLM(config, dtype=compute, param_dtype=weights, _do_init=False,
                                    quantize=params_format(params))
         tokenizer = tokenizer or load_tokenizer(ckpt)
+        draft = {}
+        if draft_model:
+            draft = dict(zip(("draft_model", "draft_params"), load_draft_model(draft_model, compute, weights)))
         return cls(model, params, tokenizer, max_length=max_length, max_compile_tokens=max_compile_tokens,
                    cpu_kernels=cpu_kernels, kv_dtype=kv_dtype, consume_params=True, max_loras=max_loras,
-                   max_lora_rank=max_lora_rank, num_speculative_tokens=num_speculative_tokens)
+                   max_lora_rank=max_lora_rank, num_speculative_tokens=num_speculative_tokens, **draft)
 
     # ---------------------------------------------------------------- helpers
     def encode(self, prompt) -> list[int]:

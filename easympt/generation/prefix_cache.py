@@ -160,7 +160,7 @@ def pool_blocks(engine, budget_bytes: int, batch_size: int) -> int:
     if budget_bytes == 0:
         return 0
     block = engine.max_compile_tokens
-    one = BlockPool.block_bytes(engine.config, block, engine.kv_dtype)
+    one = sum(BlockPool.block_bytes(c, block, engine.kv_dtype) for c in (engine.config, engine.draft_config) if c)
     if budget_bytes < one:
         raise ValueError(f"prefix_cache_bytes {budget_bytes} cannot hold one block of the prefix cache ({block} "
                          f"tokens of every layer's keys and values: {one} bytes for this model and KV dtype); "
@@ -170,10 +170,12 @@ def pool_blocks(engine, budget_bytes: int, batch_size: int) -> int:
 
 
 class BlockPool:
-    """The device side: `n_blocks` blocks of `block_tokens` KV slots (a KVCache, one row per block)."""
+    """The device side: `n_blocks` blocks of `block_tokens` KV slots (a KVCache, one row per block) of
+    the engine's model, or of its draft model with `config` the draft's (the two pools share ids)."""
 
-    def __init__(self, engine, n_blocks: int, block_tokens: int):
+    def __init__(self, engine, n_blocks: int, block_tokens: int, config=None):
         self.engine, self.n_blocks, self.block_tokens = engine, int(n_blocks), int(block_tokens)
+        self.config = config or engine.config
         self.max_blocks = engine.max_length // self.block_tokens  # most blocks one row holds
         self.cache = None
         self.clear()
@@ -183,7 +185,7 @@ class BlockPool:
     def clear(self) -> None:
         """Empty blocks (what they held is forgotten by the index too)."""
         self.cache = None  # the old blocks' memory first
-        self.cache = KVCache.zeros(self.engine.config, self.n_blocks, self.block_tokens, self.engine.kv_dtype)
+        self.cache = KVCache.zeros(self.config, self.n_blocks, self.block_tokens, self.engine.kv_dtype)
 
     @staticmethod
     def block_bytes(config, block_tokens: int, kv_dtype) -> int:
@@ -198,11 +200,11 @@ class BlockPool:
         return np.asarray(list(ids) + [fill] * (self.max_blocks - len(ids)), np.int32)
 
     def _rows(self, ids):
-        K = self.engine.config.kv_heads
+        K = self.config.kv_heads
         return (ids[:, None] * K + jnp.arange(K)[None]).reshape(-1)
 
     def _save_fn(self, pool: KVCache, cache: KVCache, slot, starts, ids) -> KVCache:
-        K, B = self.engine.config.kv_heads, self.block_tokens
+        K, B = self.config.kv_heads, self.block_tokens
         rows = self._rows(ids)  # ids past the pool: padding, dropped
 
         def copy(axis):
@@ -221,8 +223,8 @@ class BlockPool:
                                                                                       self.n_blocks))
 
     def _load_fn(self, pool: KVCache, ids, n_tokens, cache_len: int) -> KVCache:
-        K, B = self.engine.config.kv_heads, self.block_tokens
-        row = KVCache.zeros(self.engine.config, 1, cache_len, self.engine.kv_dtype)
+        K, B = self.config.kv_heads, self.block_tokens
+        row = KVCache.zeros(self.config, 1, cache_len, self.engine.kv_dtype)
         rows = self._rows(ids)
 
         def copy(axis):
