@@ -190,7 +190,7 @@ def test_65k_prefill_in_chunks_needs_bounded_temporaries():
     engine = GenerationEngine(model, params=None, max_length=LONG, prefill_chunk=2048)
     ids = jax.ShapeDtypeStruct((1, 2048), jnp.int32)
     seen = jax.ShapeDtypeStruct((1, config.vocab_size), bool)
-    extend = lambda p, t, m, c, s, nxt: engine._extend(p, t, m, c, s, nxt, False)  # noqa: E731
+    extend = lambda p, t, m, c, s, nxt: engine._extend(p, None, t, m, c, None, s, nxt, False)  # noqa: E731
     temp = _temp_bytes(extend, params, ids, ids, _cache_shape(config, LONG), seen, ids, donate=(3,))
     assert temp < 4 * GB, f"prefill-chunk temporaries {temp / GB:.2f} GB"
     plan = memory_plan(config, dtype="bf16", max_length=LONG)

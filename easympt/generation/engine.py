@@ -190,9 +190,9 @@ class GenerationEngine:
         self.buckets = prefill_buckets(self.max_compile_tokens, self.prefill_chunk)
         self.stop_slots = stop_slots
         prefill = jax.jit(self._prefill, static_argnames=("cache_len", "with_logprobs"))
-        self.prefill = lambda params, *a, **kw: prefill(params, self.draft_params, *a, **kw)  # noqa: E731
+        self.prefill = self._with_draft_params(prefill)
         extend = jax.jit(self._extend, static_argnames=("with_logprobs",), donate_argnums=(4, 5))
-        self.extend = lambda params, *a, **kw: extend(params, self.draft_params, *a, **kw)  # noqa: E731
+        self.extend = self._with_draft_params(extend)
         self.finish = jax.jit(self._finish, static_argnames=("with_logprobs",), donate_argnums=(1,))
         self.insert = jax.jit(self._insert, donate_argnums=(1,))
         # one compiled decode loop without log-probabilities (the common case) and one with
@@ -202,14 +202,23 @@ class GenerationEngine:
             lambda params, dparams, state, n_steps, window=None: self._generate(params, dparams, state, n_steps, False,
                                                                                 window)[:2],
             static_argnames=("n_steps", "window"), donate_argnums=(2,))
-        self.generate = lambda params, state, **kw: generate(params, self.draft_params, state, **kw)  # noqa: E731
+        self.generate = self._with_draft_params(generate)
         generate_logprobs = jax.jit(
             lambda params, dparams, state, n_steps, window=None: self._generate(params, dparams, state, n_steps, True,
                                                                                 window),
             static_argnames=("n_steps", "window"), donate_argnums=(2,))
-        self.generate_logprobs = lambda params, state, **kw: generate_logprobs(  # noqa: E731
-            params, self.draft_params, state, **kw)
+        self.generate_logprobs = self._with_draft_params(generate_logprobs)
         self.start = jax.jit(self._start, donate_argnums=(0,))  # the decode state takes over the prefix's cache
+
+    def _with_draft_params(self, jitted):
+        """`jitted(params, ...)` called as jitted(params, draft model's params, ...): callers pass the
+        model's params alone. The wrapper keeps `lower` and the compile cache's size (`_cache_size`)."""
+        def call(params, *args, **kwargs):
+            return jitted(params, self.draft_params, *args, **kwargs)
+
+        call._cache_size = jitted._cache_size
+        call.lower = lambda params, *args, **kwargs: jitted.lower(params, self.draft_params, *args, **kwargs)
+        return call
 
     # ------------------------------------------------------------ device side
     def describe(self) -> str:
