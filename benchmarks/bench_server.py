@@ -198,6 +198,9 @@ def main() -> int:
                     help="time prompt-lookup speculative decoding with K draft tokens against plain decoding at batch "
                          "1 (benchmarks/server_speculative.py; the only measurement then)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds in turns (--prefix-cache, --speculative)")
+    ap.add_argument("--llama-cpp-src", default=None,
+                    help="--speculative: also time llama.cpp with and without its prompt-lookup decoding "
+                         "(an unpacked llama-cpp-python sdist, for its GGUF converter)")
     args = ap.parse_args()
     if args.speculative:
         import server_speculative
