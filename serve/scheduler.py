@@ -272,7 +272,20 @@ class Scheduler:
 
     def _admit(self, first: RequestHandle | None = None) -> None:
         """Start waiting requests while decode slots are free: long prompts as chunked prefills, the
-        others prefilled together in one batch."""
+        others prefilled together in one batch. If starting them fails, each request taken off the
+        queue and not yet in a slot gets the error (none is left waiting for ever); the engine loop
+        then handles the failure as any failed step."""
+        taken: list[RequestHandle] = []
+        try:
+            self._admit_into(taken, first)
+        except Exception as e:
+            placed = {id(s.handle) for s in self.slots if s is not None}
+            for handle in taken:
+                if id(handle) not in placed:
+                    handle.put(Event(finish_reason="error", error=f"generation failed: {e}"))
+            raise
+
+    def _admit_into(self, taken: list[RequestHandle], first: RequestHandle | None) -> None:
         batch = []
         while len(batch) < self.slots.count(None):
             if first is not None:
@@ -282,6 +295,7 @@ class Scheduler:
                     handle = self.waiting.get_nowait()
                 except queue.Empty:
                     break
+            taken.append(handle)
             if self.metrics:
                 self.metrics.queue_depth.set(self.waiting.qsize())
             if handle.cancelled.is_set():

@@ -275,6 +275,10 @@ def test_prefill_plans_leave_room_to_answer_and_chunk_what_would_pad_too_much(ge
         plan = eng.prefill_plan(n)
         assert all(c in eng.buckets for c in plan) and sum(plan) >= n
         assert sum(eng.prefill_plan(sum(plan), exact=True)) == sum(plan)
+    for n in range(2, 191):  # the rest after a cached prefix always has an exact plan (no padding)
+        for cached in range(16, n, 16):
+            rest = n - eng.prefix_reuse(n, cached)
+            assert rest == n or sum(eng.prefill_plan(rest, exact=True)) == rest
     prompt = list(np.random.default_rng(0).integers(1, 200, 100))
     out = gen.generate_batch([prompt], [SamplingConfig(temperature=0.0, max_new_tokens=40)])[0]
     assert len(out.token_ids) == 40 and out.finish_reason == "length"

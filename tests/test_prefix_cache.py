@@ -98,3 +98,30 @@ def test_a_server_with_the_cache_answers_as_one_without_it(lm_checkpoint, tokeni
     finally:
         on.shutdown()
         off.shutdown()
+
+
+def test_a_failed_start_answers_its_request_and_the_server_goes_on(lm_checkpoint, tokenizer, monkeypatch):
+    """A cache hit whose start fails (here: forced) ends that request with an error event instead of
+    leaving it waiting for ever; the next request is served. The rest after a cached prefix is
+    prefilled unpadded (a 100-token rest of a 16-token-bucket server used to be padded to 128)."""
+    from easympt.serve import MPTJaxServer
+
+    srv = MPTJaxServer.from_pretrained(lm_checkpoint, config={**SERVER_CONFIG, "pre_compile": False},
+                                       progress=False)
+    try:
+        ids = tokenizer("import os\nimport sys\n" * 12)["input_ids"][:130]
+        greedy = dict(temperature=0.0, max_new_tokens=8)
+        want = _run(srv, ids, **greedy)[0]
+        real = srv.device_batch.start_cached
+
+        def broken(*args):
+            raise RuntimeError("forced")
+
+        monkeypatch.setattr(srv.device_batch, "start_cached", broken)
+        events = list(srv.scheduler.submit(list(ids), SamplingConfig(**greedy)).iter_events(timeout=60))
+        assert events[-1].finish_reason == "error" and "forced" in events[-1].error
+        monkeypatch.setattr(srv.device_batch, "start_cached", real)
+        assert _run(srv, ids[:100] + ids[:30], **greedy)[0] is not None  # served after the failure
+        assert _run(srv, ids, **greedy)[0] == want
+    finally:
+        srv.shutdown()

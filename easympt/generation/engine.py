@@ -655,7 +655,8 @@ class ChunkedPrefill:
                 raise ValueError("a cached prefix serves one prompt longer than it, in a cache of cache_len slots")
             engine.pad_prompts(prompts)  # the whole prompt's length against max_length
             head, prompts = prompts[0][:reused], [prompts[0][reused:]]
-        self.tokens, self.mask = engine.pad_prompts(prompts)  # checks the lengths against max_length
+        # after a cached prefix the rest is not padded (its exact plan below); else the prompts' plan
+        self.tokens, self.mask = engine.pad_prompts(prompts, bucket=len(prompts[0]) if cached is not None else None)
         P = self.tokens.shape[1]
         plan = engine.prefill_plan(P, exact=True)
         if plan is None or (cached is not None and P != len(prompts[0])):
