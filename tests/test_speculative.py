@@ -138,14 +138,14 @@ def draft_checkpoint(tmp_path_factory, tokenizer):
     return str(path)
 
 
-@pytest.mark.parametrize("cpu_kernels", [True, False])
-def test_a_draft_model_changes_no_greedy_token(lm_checkpoint, draft_checkpoint, generators, cpu_kernels):
-    """Drafts from the model itself are all accepted; from another model some are: either way the
-    greedy tokens are plain decoding's."""
+@pytest.mark.parametrize("itself,cpu_kernels", [(True, False), (False, True)])
+def test_a_draft_model_changes_no_greedy_token(lm_checkpoint, draft_checkpoint, generators, itself, cpu_kernels):
+    """Drafts from the model itself are all accepted (XLA's path); from another model some are (the
+    CPU kernels): either way the greedy tokens are plain decoding's."""
     prompts = _repetitive(1)
     configs = [SamplingConfig(temperature=0.0, max_new_tokens=40)] * 3
     plain = [r.token_ids for r in generators[0].generate_batch(prompts, configs)]
-    for draft in (lm_checkpoint, draft_checkpoint):
+    for draft in [lm_checkpoint if itself else draft_checkpoint]:
         g = Generator.from_pretrained(lm_checkpoint, max_length=192, max_compile_tokens=16, progress=False,
                                       draft_model=draft, cpu_kernels=cpu_kernels)
         g.eos_ids = ()
