@@ -39,12 +39,14 @@ class ServerMetrics:
         self.spec_rate = Gauge("easympt_speculative_acceptance_rate", "accepted / checked draft tokens so far",
                                registry=self.registry)
 
+        self._spec_totals = [0, 0]  # drafted, accepted: the rate's terms
+
     def speculated(self, drafted: int, accepted: int) -> None:
         self.spec_drafted.inc(drafted)
         self.spec_accepted.inc(accepted)
-        total = self.spec_drafted._value.get()
-        if total:
-            self.spec_rate.set(self.spec_accepted._value.get() / total)
+        self._spec_totals = [self._spec_totals[0] + drafted, self._spec_totals[1] + accepted]
+        if self._spec_totals[0]:
+            self.spec_rate.set(self._spec_totals[1] / self._spec_totals[0])
 
     def prefix_lookup(self, reused_tokens: int) -> None:
         (self.prefix_hits if reused_tokens else self.prefix_misses).inc()
