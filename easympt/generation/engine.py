@@ -522,6 +522,17 @@ class GenerationEngine:
 
     def pad_prompts(self, prompts: list[list[int]], bucket: int | None = None):
         """Left-pad token lists to one bucket: (tokens [n, P], mask [n, P])."""
+        P = self.check_prompts(prompts, bucket)
+        tokens = np.zeros((len(prompts), P), np.int32)
+        mask = np.zeros((len(prompts), P), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, P - len(p):] = p
+            mask[i, P - len(p):] = 1
+        return jnp.asarray(tokens), jnp.asarray(mask)
+
+    def check_prompts(self, prompts: list[list[int]], bucket: int | None = None) -> int:
+        """The slots prompts padded together take (`bucket`, else their plan's), once their lengths are
+        checked against max_length."""
         longest = max(len(p) for p in prompts)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("a prompt must have at least one token")
@@ -532,12 +543,7 @@ class GenerationEngine:
         if P > self.max_length:
             raise ValueError(f"prompt of {longest} tokens takes {P} cache slots once padded to its prefill "
                              f"shapes, more than max_length {self.max_length}")
-        tokens = np.zeros((len(prompts), P), np.int32)
-        mask = np.zeros((len(prompts), P), np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, P - len(p):] = p
-            mask[i, P - len(p):] = 1
-        return jnp.asarray(tokens), jnp.asarray(mask)
+        return P
 
     def stop_table(self, configs: list[SamplingConfig], eos_ids: tuple[int, ...]) -> jax.Array:
         table = np.full((len(configs), self.stop_slots), NO_STOP, np.int32)
@@ -653,7 +659,7 @@ class ChunkedPrefill:
             reused = int(cached.index[0])
             if len(prompts) != 1 or cached.max_length != cache_len or not 0 < reused < len(prompts[0]):
                 raise ValueError("a cached prefix serves one prompt longer than it, in a cache of cache_len slots")
-            engine.pad_prompts(prompts)  # the whole prompt's length against max_length
+            engine.check_prompts(prompts)  # the whole prompt's length against max_length
             head, prompts = prompts[0][:reused], [prompts[0][reused:]]
         # after a cached prefix the rest is not padded (its exact plan below); else the prompts' plan
         self.tokens, self.mask = engine.pad_prompts(prompts, bucket=len(prompts[0]) if cached is not None else None)

@@ -119,7 +119,7 @@ class PrefixIndex:
             self.table[key] = _Block(pool_id, parent, block, namespace)
             mine.add(key)
             new.append((j, pool_id))
-        self._touch([k for k, _, _ in chain if k in self.table and k in mine])
+        self._touch([k for k, _, _ in chain if k in mine])
         return new
 
     def drop_namespace(self, namespace: int) -> None:
@@ -128,26 +128,29 @@ class PrefixIndex:
             self.free.append(self.table.pop(key).id)
 
 
-def _copy_blocks(dst, src, dst_rows, src_rows, starts, axis: int, block_tokens: int, K: int, into_blocks: bool):
-    """Copy K rows x block_tokens slots per block between a row cache buffer and the pool."""
-    if into_blocks:  # src: row cache, dst: pool; starts: the slot each block starts at in the row
-        def one(start):
-            begin = [0] * src.ndim
-            begin[0], begin[axis] = src_rows, start
-            size = list(src.shape)
-            size[0], size[axis] = K, block_tokens
-            return jax.lax.dynamic_slice(src, begin, size)
+def _blocks_into_pool(pool, row, pool_rows, first_row, starts, axis: int, block_tokens: int, K: int):
+    """`pool` with the K buffer rows from `first_row` of a row cache buffer `row`, block_tokens slots from
+    each of `starts`, written to `pool_rows` (block-major; rows past the pool are dropped)."""
+    def one(start):
+        begin = [0] * row.ndim
+        begin[0], begin[axis] = first_row, start
+        size = list(row.shape)
+        size[0], size[axis] = K, block_tokens
+        return jax.lax.dynamic_slice(row, begin, size)
 
-        blocks = jax.vmap(one)(starts)  # [M, K, ...]
-        return dst.at[dst_rows].set(blocks.reshape((-1,) + blocks.shape[2:]), mode="drop")
-    # src: pool, dst: a fresh row cache; block m goes to slots [m * block_tokens, (m + 1) * block_tokens)
-    blocks = src[src_rows]  # [M*K, ...] (block-major)
-    M = blocks.shape[0] // K
-    blocks = blocks.reshape((M, K) + blocks.shape[1:])
+    blocks = jax.vmap(one)(starts)  # [M, K, ...]
+    return pool.at[pool_rows].set(blocks.reshape((-1,) + blocks.shape[2:]), mode="drop")
+
+
+def _blocks_into_row(row, pool, pool_rows, axis: int, K: int):
+    """A fresh row cache buffer `row` with pool block m (its K rows at pool_rows, block-major) in slots
+    [m * block_tokens, (m + 1) * block_tokens)."""
+    blocks = pool[pool_rows]  # [M*K, ...]
+    blocks = blocks.reshape((blocks.shape[0] // K, K) + blocks.shape[1:])
     blocks = jnp.moveaxis(blocks, 0, axis)  # [K, ..., M, block, ...]
     shape = list(blocks.shape)
     merged = shape[:axis] + [shape[axis] * shape[axis + 1]] + shape[axis + 2:]
-    return jax.lax.dynamic_update_slice(dst, blocks.reshape(merged).astype(dst.dtype), (0,) * dst.ndim)
+    return jax.lax.dynamic_update_slice(row, blocks.reshape(merged).astype(row.dtype), (0,) * row.ndim)
 
 
 CONTEXTS_PER_SLOT = 4  # a pool never holds more than this many full contexts per decode slot
@@ -208,7 +211,7 @@ class BlockPool:
         rows = self._rows(ids)  # ids past the pool: padding, dropped
 
         def copy(axis):
-            return lambda dst, src: _copy_blocks(dst, src, rows, slot * K, starts, axis, B, K, into_blocks=True)
+            return lambda dst, src: _blocks_into_pool(dst, src, rows, slot * K, starts, axis, B, K)
 
         return pool.replace(keys=jax.tree_util.tree_map(copy(_KEY_AXIS), pool.keys, cache.keys),
                             values=jax.tree_util.tree_map(copy(_VALUE_AXIS), pool.values, cache.values))
@@ -223,12 +226,12 @@ class BlockPool:
                                                                                       self.n_blocks))
 
     def _load_fn(self, pool: KVCache, ids, n_tokens, cache_len: int) -> KVCache:
-        K, B = self.config.kv_heads, self.block_tokens
+        K = self.config.kv_heads
         row = KVCache.zeros(self.config, 1, cache_len, self.engine.kv_dtype)
         rows = self._rows(ids)
 
         def copy(axis):
-            return lambda dst, src: _copy_blocks(dst, src, None, rows, None, axis, B, K, into_blocks=False)
+            return lambda dst, src: _blocks_into_row(dst, src, rows, axis, K)
 
         return row.replace(keys=jax.tree_util.tree_map(copy(_KEY_AXIS), row.keys, pool.keys),
                            values=jax.tree_util.tree_map(copy(_VALUE_AXIS), row.values, pool.values),
