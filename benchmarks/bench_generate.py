@@ -151,6 +151,8 @@ def main() -> int:
     ap.add_argument("--llama-cpp-src", default=None,
                     help="llama.cpp's converter source (an unpacked llama-cpp-python sdist): adds llama.cpp as a "
                          "peer, f32 and f16 GGUFs of the same checkpoint, batch 1 (needs llama-cpp-python)")
+    ap.add_argument("--reps", type=int, default=3,
+                    help="timed runs of each measurement (median; 1 warm-up first): 1 checks the harness quickly")
     args = ap.parse_args()
 
     dtype = resolve_dtype(args.dtype)
@@ -200,7 +202,7 @@ def main() -> int:
                     skipped = peer.info["skipped"]
                     break
                 systems[name], keys[name], infos[name] = peer, tuple(peer.info["keys"]), peer.info
-            figures = decode_figures(systems, keys)
+            figures = decode_figures(systems, keys, reps=args.reps)
         ours = figures.pop("easympt")
         others = {name: figures.pop(name) for name in list(figures) if name.startswith("easympt_")}
         steady = ours["t_b1_128_s"]
@@ -211,7 +213,7 @@ def main() -> int:
         run_easympt(half, p1, NEW)  # compile
         run_easympt(half, pctx, NEW)
         ctx = decode_only_tok_s({"b1": (engine, p1), "b1_ctx2048": (engine, pctx), "b1_bf16_cache": (half, p1),
-                                 "b1_ctx2048_bf16_cache": (half, pctx)})
+                                 "b1_ctx2048_bf16_cache": (half, pctx)}, reps=args.reps)
         ours.update({f"decode_only_tok_s_{k}": v for k, v in ctx.items()})
         bf16_cache_greedy = same_tokens(run_easympt(half, p1, NEW), ours["greedy_b1"])
         del half

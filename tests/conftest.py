@@ -12,6 +12,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # exact-parity tests compute in float32; on a GPU, XLA would otherwise run float32 matmuls in TF32
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# One XLA compilation cache for the whole run, workers and the processes tests start included (they
+# inherit it): the same programs of the same tiny models compile once instead of in every test that
+# builds an engine. A fresh directory per run (xdist's controller sets it before its workers start),
+# so nothing compiled by another version of the code is reused.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_XLA_CACHE = tempfile.mkdtemp(prefix="easympt-tests-xla-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+else:
+    _OWN_XLA_CACHE = None
+
+
+def pytest_unconfigure(config):
+    if _OWN_XLA_CACHE and not hasattr(config, "workerinput"):  # the process that made it, after its workers
+        import shutil
+
+        shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
 
 BASE = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=64)
 

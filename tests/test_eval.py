@@ -115,7 +115,8 @@ def server_process(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "easympt.cli", "serve", "--port", str(port), "--no-gradio",
-                             "--max-length", "512", "--max-compile-tokens", "32", "--batch-size", "4"],
+                             "--max-length", "512", "--max-compile-tokens", "32", "--batch-size", "4",
+                             "--no-precompile"],  # it compiles what the harness runs
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -289,7 +289,8 @@ def test_server_serves_many_adapters(lm_checkpoint, tokenizer, adapter_dirs):
     from easympt.serve import MPTJaxServer
 
     srv = MPTJaxServer.from_pretrained(lm_checkpoint, progress=False, config={
-        **SERVER_CONFIG, "lora_modules": {"coder": adapter_dirs["coder"]}, "max_loras": 2, "max_lora_rank": 8})
+        **SERVER_CONFIG, "lora_modules": {"coder": adapter_dirs["coder"]}, "max_loras": 2, "max_lora_rank": 8,
+        "pre_compile": False})
     srv.fire()
     prompt = tokenizer.encode("def f3(x):\n    return")
     n = 10

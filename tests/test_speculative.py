@@ -109,8 +109,8 @@ def test_a_server_speculates_per_request_and_counts_acceptance(lm_checkpoint):
     from conftest import SERVER_CONFIG
     from easympt.serve import MPTJaxServer
 
-    srv = MPTJaxServer.from_pretrained(lm_checkpoint, config={**SERVER_CONFIG, "num_speculative_tokens": 4},
-                                       progress=False)
+    config = {**SERVER_CONFIG, "num_speculative_tokens": 4, "pre_compile": False}  # compiles what it runs
+    srv = MPTJaxServer.from_pretrained(lm_checkpoint, config=config, progress=False)
     srv.fire()
     try:
         with httpx.Client(base_url=srv.url, timeout=120) as c:
@@ -174,8 +174,10 @@ def test_a_server_with_a_draft_model_and_the_prefix_cache(lm_checkpoint, draft_c
     from conftest import SERVER_CONFIG
     from easympt.serve import MPTJaxServer
 
-    srv = MPTJaxServer.from_pretrained(lm_checkpoint, config={**SERVER_CONFIG, "draft_model": draft_checkpoint},
-                                       progress=False)
+    # precompiled (the draft model's programs and its prefix pool's too), on a shorter cache than the
+    # other servers': fewer prompt buckets to compile
+    config = {**SERVER_CONFIG, "draft_model": draft_checkpoint, "max_length": 128, "max_new_tokens": 32}
+    srv = MPTJaxServer.from_pretrained(lm_checkpoint, config=config, progress=False)
     srv.fire()
     try:
         assert srv.device_batch.draft_pool is not None
