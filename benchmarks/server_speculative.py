@@ -5,6 +5,10 @@ drafts against the same request with `"speculative": false`, in turns, batch 1, 
   >= 2x the plain decode tok/s, identical tokens.
 - nothing to copy: a prompt whose continuation does not repeat it. Target: >= 0.95x (no slowdown).
 
+Decode tok/s is (N - 1) / (t(N tokens) - t(1 token)), both requests timed in the same round, as
+bench_generate times decode: the prompt's prefill (the same with or without drafts) is left out. The
+end-to-end rate (N / t(N tokens), prefill and HTTP included) is printed beside it.
+
 Default model: the bundled demo model (trained on Python source, so it does copy code); --model another.
 With `--llama-cpp-src DIR` (an unpacked llama-cpp-python sdist) llama.cpp runs the same prompts on an
 f32 GGUF of the same weights, with and without llama-cpp-python's `LlamaPromptLookupDecoding` (its
@@ -33,12 +37,24 @@ def fresh_prompt() -> str:
     return "import os\n\n\ndef walk_tree(top, visit):\n    \"\"\"Call visit(path) for every file under top.\"\"\"\n"
 
 
-def timed(url: str, prompt: str, speculative: bool, max_tokens: int) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "speculative": speculative}
+def decode_rates(complete, max_tokens: int) -> dict:
+    """complete(n) -> (text, completion tokens) of one greedy request for n new tokens: the text of
+    `max_tokens`, its end-to-end tok/s and its decode tok/s (the one-token request's time taken off)."""
     t0 = time.perf_counter()
-    r = httpx.post(url + "/v1/completions", json=body, timeout=600).json()
+    complete(1)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    text, n = complete(max_tokens)
     took = time.perf_counter() - t0
-    return {"text": r["choices"][0]["text"], "tok_s": r["usage"]["completion_tokens"] / took}
+    return {"text": text, "tok_s": n / took, "decode_tok_s": (n - 1) / max(took - first, 1e-9)}
+
+
+def timed(url: str, prompt: str, speculative: bool, max_tokens: int) -> dict:
+    def complete(n):
+        body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "speculative": speculative}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=600).json()
+        return r["choices"][0]["text"], r["usage"]["completion_tokens"]
+    return decode_rates(complete, max_tokens)
 
 
 def llama_cpp_sides(model: str, src: str, k: int, max_tokens: int):
@@ -62,11 +78,11 @@ def llama_cpp_sides(model: str, src: str, k: int, max_tokens: int):
 
     def side(llm):
         def run(ids):
-            llm.reset()
-            t0 = time.perf_counter()
-            r = llm.create_completion(prompt=ids, max_tokens=max_tokens, temperature=0.0, top_k=1, repeat_penalty=1.0)
-            took = time.perf_counter() - t0
-            return {"text": r["choices"][0]["text"], "tok_s": r["usage"]["completion_tokens"] / took}
+            def complete(n):
+                llm.reset()
+                r = llm.create_completion(prompt=ids, max_tokens=n, temperature=0.0, top_k=1, repeat_penalty=1.0)
+                return r["choices"][0]["text"], r["usage"]["completion_tokens"]
+            return decode_rates(complete, max_tokens)
         return run
 
     return {name: side(llm) for name, llm in systems.items()}, None
@@ -91,17 +107,27 @@ def run(args) -> int:
             sides = {side: (lambda side=side: timed(server.url, prompt, side, args.max_tokens)) for side in (True, False)}
             sides.update({n: (lambda f=f: f(ids)) for n, f in (peers or {}).items()})
             runs = in_turns(sides, args.rounds)
-            spec, plain = (statistics.median(r["tok_s"] for r in runs[s]) for s in (True, False))
+
+            def median(side, key="decode_tok_s"):
+                return statistics.median(r[key] for r in runs[side])
+
+            spec, plain = median(True), median(False)
+            e2e = median(True, "tok_s") / median(False, "tok_s")
             same = all(a["text"] == b["text"] for a, b in zip(runs[True], runs[False]))
             target = ">= 2" if name == "editing" else ">= 0.95"
-            print(f"{name}: {spec:.1f} tok/s with prompt lookup (k={args.speculative}), {plain:.1f} without: "
-                  f"{spec / plain:.2f}x (target {target}); greedy text {'identical' if same else 'DIFFERS'}")
-            result[name] = {"spec_tok_s": spec, "plain_tok_s": plain, "ratio": spec / plain, "identical": same}
+            print(f"{name}: decode {spec:.1f} tok/s with prompt lookup (k={args.speculative}), {plain:.1f} without: "
+                  f"{spec / plain:.2f}x (target {target}; end to end, prefill and HTTP included: {e2e:.2f}x); "
+                  f"greedy text {'identical' if same else 'DIFFERS'}")
+            result[name] = {"spec_tok_s": spec, "plain_tok_s": plain, "ratio": spec / plain,
+                            "end_to_end_ratio": e2e, "identical": same}
             if peers:
-                lk, pl = (statistics.median(r["tok_s"] for r in runs[s]) for s in ("llama.cpp lookup", "llama.cpp"))
-                print(f"  llama.cpp (f32 GGUF): {lk:.1f} tok/s with LlamaPromptLookupDecoding, {pl:.1f} without "
-                      f"({lk / pl:.2f}x); easympt with prompt lookup / llama.cpp with it: {spec / lk:.2f}x")
-                result[name].update(llama_cpp_lookup_tok_s=lk, llama_cpp_tok_s=pl, over_llama_cpp_lookup=spec / lk)
+                lk, pl = median("llama.cpp lookup"), median("llama.cpp")
+                lk_e2e = median("llama.cpp lookup", "tok_s") / median("llama.cpp", "tok_s")
+                print(f"  llama.cpp (f32 GGUF): decode {lk:.1f} tok/s with LlamaPromptLookupDecoding, {pl:.1f} "
+                      f"without ({lk / pl:.2f}x; end to end {lk_e2e:.2f}x); easympt with prompt lookup / llama.cpp "
+                      f"with it: {spec / lk:.2f}x")
+                result[name].update(llama_cpp_lookup_tok_s=lk, llama_cpp_tok_s=pl, over_llama_cpp_lookup=spec / lk,
+                                    llama_cpp_end_to_end_ratio=lk_e2e)
         metrics = httpx.get(server.url + "/metrics").text
         rate = next((line.split()[-1] for line in metrics.splitlines()
                      if line.startswith("easympt_speculative_acceptance_rate ")), "nan")
