@@ -31,6 +31,7 @@ def pytest_unconfigure(config):
 
         shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
 
+
 BASE = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=64)
 
 
