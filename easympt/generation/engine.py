@@ -385,11 +385,15 @@ class GenerationEngine:
             (_, draft_cache), outs = jax.lax.scan(one, (st.token, st.draft_cache), None, length=T)
             return outs[:self.spec_k].T, draft_cache
 
+        def with_current_token(st):
+            """Each row's token history with its current token at its slot."""
+            return st.history.at[batch, jnp.where(st.active, st.cache.index, S)].set(st.token, mode="drop")
+
         def proposal(st):
             """(history with the current token at its slot, drafts [B, k], drafts to check [B], whether the
             step checks drafts): prompt lookup's drafts here; a draft model's are made in the step."""
             index = st.cache.index
-            history = st.history.at[batch, jnp.where(st.active, index, S)].set(st.token, mode="drop")
+            history = with_current_token(st)
             room = jnp.all(index + T <= (window or S))  # every row's k + 1 slots fit: none is clamped
             if st.draft_cache is not None:
                 drafts, n_draft = jnp.zeros((B, self.spec_k), jnp.int32), jnp.full((B,), self.spec_k, jnp.int32)
@@ -403,7 +407,7 @@ class GenerationEngine:
             i, st, out, lps, ptr = carry
             index = st.cache.index
             if T == 1:
-                history = st.history.at[batch, jnp.where(st.active, index, S)].set(st.token, mode="drop")
+                history = with_current_token(st)
                 cache, draft_cache, taken, n_acc, scores = plain(st, None)
                 counts = st.spec_counts
             else:
