@@ -264,7 +264,8 @@ def cmd_plan(args) -> int:
         return 0 if plan.fits is not False else 1
     plan = memory_plan(config, dtype=args.dtype, max_length=args.max_length, batch_size=args.batch_size,
                        mesh=args.mesh, kv_dtype=args.kv_dtype, quantize=args.quantize,
-                       device_memory=parse_size(args.device_memory) if args.device_memory else None)
+                       device_memory=parse_size(args.device_memory) if args.device_memory else None,
+                       prefix_cache_bytes=parse_size(args.prefix_cache_bytes), block_tokens=args.max_compile_tokens)
     print(json.dumps(plan.to_dict()) if args.json else f"{args.model}\n{plan.summary()}")
     return 0 if plan.fits is not False else 1
 
@@ -488,6 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", dest="max_length", type=int, default=None,
                    help="tokens per request (default: the config's max_seq_len)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="requests decoded together")
+    p.add_argument("--prefix-cache-bytes", dest="prefix_cache_bytes", default="0",
+                   help="a server's prefix-cache budget, e.g. 512MiB (what `easympt serve` keeps by default): its "
+                        "pool counted as the server sizes it (default 0: none)")
+    p.add_argument("--max-compile-tokens", dest="max_compile_tokens", type=int, default=64,
+                   help="the server's smallest prompt bucket: the prefix cache's block (default 64)")
     p.add_argument("--mesh", default=None, help="dp,fsdp,tp,sp sizes, e.g. 1,8,1,1 (default: one device)")
     p.add_argument("--device-memory", dest="device_memory", default=None,
                    help="memory of one device, e.g. 16GB or 80GiB; exit status 1 when it does not fit")

@@ -67,6 +67,9 @@ class MemoryPlan:
     device_memory: int | None = None
     kv_dtype: str = ""  # the cache's dtype name (int8: scales counted)
     notes: list[str] = field(default_factory=list)
+    prefix_cache_bytes: int = 0  # the server's prefix-cache pool (one device holds it)
+    prefix_blocks: int = 0
+    block_tokens: int = 0
 
     @property
     def kv_bytes_per_request(self) -> int:
@@ -82,8 +85,9 @@ class MemoryPlan:
 
     @property
     def device_bytes(self) -> int:
-        """Weights + KV cache on one device (activations and compiler scratch come on top)."""
-        return self.device_param_bytes + self.device_kv_bytes
+        """Weights + KV cache (+ the prefix cache's pool) on one device (activations and compiler scratch
+        come on top)."""
+        return self.device_param_bytes + self.device_kv_bytes + self.prefix_cache_bytes
 
     @property
     def fits(self) -> bool | None:
@@ -96,6 +100,8 @@ class MemoryPlan:
                 "kv_cache_bytes": self.kv_cache_bytes, "max_length": self.max_length,
                 "batch_size": self.batch_size, "mesh": self.mesh, "n_devices": self.n_devices,
                 "device_param_bytes": self.device_param_bytes, "device_kv_bytes": self.device_kv_bytes,
+                "prefix_cache_bytes": self.prefix_cache_bytes, "prefix_blocks": self.prefix_blocks,
+                "block_tokens": self.block_tokens,
                 "device_bytes": self.device_bytes, "device_memory": self.device_memory, "fits": self.fits,
                 "notes": self.notes}
 
@@ -107,9 +113,14 @@ class MemoryPlan:
             f"{g(self.kv_bytes_per_request)} per request of {self.max_length} tokens, "
             f"{g(self.kv_cache_bytes)} for batch {self.batch_size}",
             f"mesh              {'x'.join(f'{a}={n}' for a, n in self.mesh.items())} ({self.n_devices} devices)",
-            f"per device        {g(self.device_param_bytes)} weights + {g(self.device_kv_bytes)} KV cache = "
-            f"{g(self.device_bytes)} (activations and compiler scratch come on top)",
         ]
+        pool = ""
+        if self.prefix_cache_bytes:
+            lines.append(f"prefix cache      {g(self.prefix_cache_bytes)}: {self.prefix_blocks} blocks of "
+                         f"{self.block_tokens} tokens, on one device")
+            pool = f" + {g(self.prefix_cache_bytes)} prefix cache"
+        lines.append(f"per device        {g(self.device_param_bytes)} weights + {g(self.device_kv_bytes)} KV cache"
+                     f"{pool} = {g(self.device_bytes)} (activations and compiler scratch come on top)")
         lines += device_memory_line(self.device_bytes, self.device_memory, "weights + cache")
         lines += [f"note              {n}" for n in self.notes]
         return "\n".join(lines)
@@ -121,12 +132,14 @@ def _shard_bytes(sharding, shape, itemsize) -> int:
 
 def memory_plan(config: MptConfig, dtype="bf16", max_length: int | None = None, batch_size: int = 1,
                 mesh=None, device_memory: int | float | None = None, kv_dtype=None,
-                quantize: str | None = None) -> MemoryPlan:
+                quantize: str | None = None, prefix_cache_bytes: int = 0, block_tokens: int = 64) -> MemoryPlan:
     """Parameter, KV-cache and per-device bytes of `config` (weights in `dtype`, cache in `kv_dtype`,
     default the same) on a mesh of abstract devices. `quantize` ("int8", "int4"): the matrices in
     that weight-only format (scales counted; norms and biases stay in `dtype`). Raises MeshFitError
     naming the tensor, the axis, the size and the mesh when a partition rule cannot shard a tensor
-    evenly (an int4 scale's group count included)."""
+    evenly (an int4 scale's group count included). `prefix_cache_bytes`: a server's prefix-cache budget
+    (blocks of `block_tokens`, its max_compile_tokens), counted as the server sizes its pool: whole
+    blocks, at most CONTEXTS_PER_SLOT contexts per decode slot, on one device."""
     from easympt.heads import model_class_for
 
     dtype = np.dtype(resolve_dtype(dtype))
@@ -159,11 +172,29 @@ def memory_plan(config: MptConfig, dtype="bf16", max_length: int | None = None, 
     if cache_sharding.spec[1] is None and sizes["tp"] > 1:
         notes.append(f"{config.kv_heads} KV head(s) do not divide tp = {sizes['tp']}: the cache is "
                      "replicated over tp")
+    kv_bytes_per_token = int(2 * config.n_layers * config.kv_heads * config.head_dim * slot_bytes)
+    blocks, block = _prefix_pool(int(prefix_cache_bytes), int(block_tokens), kv_bytes_per_token, batch_size,
+                                 max_length)
     return MemoryPlan(
         dtype=f"{quantize} ({dtype.name} norms and biases)" if quantize else dtype.name, n_params=n_params,
         param_bytes=param_bytes,
-        kv_bytes_per_token=int(2 * config.n_layers * config.kv_heads * config.head_dim * slot_bytes),
+        kv_bytes_per_token=kv_bytes_per_token,
         max_length=max_length, batch_size=batch_size, mesh=sizes, device_param_bytes=device_param_bytes,
         device_kv_bytes=device_kv, device_memory=None if device_memory is None else int(device_memory),
-        kv_dtype=kv_dtype.name,
-        notes=notes)
+        kv_dtype=kv_dtype.name, notes=notes, prefix_cache_bytes=blocks * block, prefix_blocks=blocks,
+        block_tokens=int(block_tokens) if blocks else 0)
+
+
+def _prefix_pool(budget: int, block_tokens: int, kv_bytes_per_token: int, batch_size: int,
+                 max_length: int) -> tuple[int, int]:
+    """(blocks, bytes a block) of the pool a server with this prefix-cache budget keeps (the rule of
+    easympt.generation.prefix_cache.pool_blocks, from sizes instead of an engine)."""
+    from easympt.generation.prefix_cache import CONTEXTS_PER_SLOT
+
+    if budget == 0:
+        return 0, 0
+    block = kv_bytes_per_token * block_tokens
+    if budget < block:
+        raise ValueError(f"prefix_cache_bytes {budget} cannot hold one block of the prefix cache ({block_tokens} "
+                         f"tokens of every layer's keys and values: {block} bytes for this model and KV dtype)")
+    return int(min(budget // block, max(1, CONTEXTS_PER_SLOT * batch_size * (max_length // block_tokens)))), block

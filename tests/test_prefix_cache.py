@@ -4,6 +4,7 @@ one without it: the same tokens, log-probabilities and echo scores."""
 import numpy as np
 import pytest
 
+from easympt.generation import Generator
 from easympt.generation.prefix_cache import PrefixIndex
 from easympt.generation.sampling import SamplingConfig
 
@@ -125,3 +126,40 @@ def test_a_failed_start_answers_its_request_and_the_server_goes_on(lm_checkpoint
         assert _run(srv, ids, **greedy)[0] == want
     finally:
         srv.shutdown()
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_the_memory_plan_counts_the_pool_a_server_keeps(lm_checkpoint, kv_dtype):
+    """`easympt plan --prefix-cache-bytes` sizes the pool by the server's rule: the same blocks and
+    bytes as the pool an engine of the same shapes gets; a budget below one block is refused."""
+    from easympt.generation.prefix_cache import BlockPool, pool_blocks
+    from easympt.plan import memory_plan
+
+    g = Generator.from_pretrained(lm_checkpoint, max_length=256, max_compile_tokens=16, progress=False,
+                                  kv_dtype=kv_dtype)
+    eng = g.engine
+    block = BlockPool.block_bytes(eng.config, 16, eng.kv_dtype)
+    for budget, batch in [(10 * block + 5, 4), (10**9, 2)]:  # bounded by the budget, then by the cap
+        plan = memory_plan(eng.config, dtype="float32", max_length=256, batch_size=batch, kv_dtype=kv_dtype,
+                           prefix_cache_bytes=budget, block_tokens=16)
+        blocks = pool_blocks(eng, budget, batch)
+        assert (plan.prefix_blocks, plan.prefix_cache_bytes) == (blocks, blocks * block)
+        assert plan.device_bytes == plan.device_param_bytes + plan.device_kv_bytes + blocks * block
+    assert memory_plan(eng.config, dtype="float32", max_length=256).prefix_cache_bytes == 0
+    with pytest.raises(ValueError, match="cannot hold one block"):
+        memory_plan(eng.config, dtype="float32", max_length=256, prefix_cache_bytes=block - 1, block_tokens=16)
+
+
+def test_plan_command_shows_the_prefix_cache(capsys):
+    import json
+
+    from easympt.cli import main
+
+    assert main(["plan", "mpt-7b", "--batch-size", "8", "--prefix-cache-bytes", "512MiB", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    # bf16: 0.5 MiB of keys and values a token, 32 MiB a 64-token block; 16 blocks fill the budget
+    assert plan["prefix_blocks"] == 16 and plan["prefix_cache_bytes"] == 512 * 2**20
+    assert main(["plan", "mpt-7b", "--prefix-cache-bytes", "512MiB"]) == 0
+    assert "prefix cache      0.54 GB: 16 blocks of 64 tokens" in capsys.readouterr().out
+    assert main(["plan", "mpt-7b", "--prefix-cache-bytes", "1MiB"]) == 2
+    assert "cannot hold one block" in capsys.readouterr().err
