@@ -173,8 +173,10 @@ def memory_plan(config: MptConfig, dtype="bf16", max_length: int | None = None, 
         notes.append(f"{config.kv_heads} KV head(s) do not divide tp = {sizes['tp']}: the cache is "
                      "replicated over tp")
     kv_bytes_per_token = int(2 * config.n_layers * config.kv_heads * config.head_dim * slot_bytes)
-    blocks, block = _prefix_pool(int(prefix_cache_bytes), int(block_tokens), kv_bytes_per_token, batch_size,
-                                 max_length)
+    from easympt.generation.prefix_cache import blocks_for_budget
+
+    block = kv_bytes_per_token * int(block_tokens)  # the server's pool: whole blocks, by its own rule
+    blocks = blocks_for_budget(int(prefix_cache_bytes), block, int(block_tokens), batch_size, max_length)
     return MemoryPlan(
         dtype=f"{quantize} ({dtype.name} norms and biases)" if quantize else dtype.name, n_params=n_params,
         param_bytes=param_bytes,
@@ -183,18 +185,3 @@ def memory_plan(config: MptConfig, dtype="bf16", max_length: int | None = None, 
         device_kv_bytes=device_kv, device_memory=None if device_memory is None else int(device_memory),
         kv_dtype=kv_dtype.name, notes=notes, prefix_cache_bytes=blocks * block, prefix_blocks=blocks,
         block_tokens=int(block_tokens) if blocks else 0)
-
-
-def _prefix_pool(budget: int, block_tokens: int, kv_bytes_per_token: int, batch_size: int,
-                 max_length: int) -> tuple[int, int]:
-    """(blocks, bytes a block) of the pool a server with this prefix-cache budget keeps (the rule of
-    easympt.generation.prefix_cache.pool_blocks, from sizes instead of an engine)."""
-    from easympt.generation.prefix_cache import CONTEXTS_PER_SLOT
-
-    if budget == 0:
-        return 0, 0
-    block = kv_bytes_per_token * block_tokens
-    if budget < block:
-        raise ValueError(f"prefix_cache_bytes {budget} cannot hold one block of the prefix cache ({block_tokens} "
-                         f"tokens of every layer's keys and values: {block} bytes for this model and KV dtype)")
-    return int(min(budget // block, max(1, CONTEXTS_PER_SLOT * batch_size * (max_length // block_tokens)))), block

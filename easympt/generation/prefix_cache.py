@@ -158,18 +158,24 @@ CONTEXTS_PER_SLOT = 4  # a pool never holds more than this many full contexts pe
 
 def pool_blocks(engine, budget_bytes: int, batch_size: int) -> int:
     """Blocks a pool of `budget_bytes` holds for `engine` (blocks of its smallest prompt bucket: the rest
-    of a prompt is prefilled in bucket shapes anyway, so finer blocks would reuse nothing more),
-    capped at CONTEXTS_PER_SLOT full contexts per decode slot; 0 for a budget of 0."""
-    if budget_bytes == 0:
-        return 0
+    of a prompt is prefilled in bucket shapes anyway, so finer blocks would reuse nothing more)."""
     block = engine.max_compile_tokens
     one = sum(BlockPool.block_bytes(c, block, engine.kv_dtype) for c in (engine.config, engine.draft_config) if c)
-    if budget_bytes < one:
-        raise ValueError(f"prefix_cache_bytes {budget_bytes} cannot hold one block of the prefix cache ({block} "
-                         f"tokens of every layer's keys and values: {one} bytes for this model and KV dtype); "
-                         "raise it, or 0 turns the cache off")
-    cap = CONTEXTS_PER_SLOT * batch_size * (engine.max_length // block)
-    return int(min(budget_bytes // one, max(1, cap)))
+    return blocks_for_budget(budget_bytes, one, block, batch_size, engine.max_length)
+
+
+def blocks_for_budget(budget_bytes: int, block_bytes: int, block_tokens: int, batch_size: int,
+                      max_length: int) -> int:
+    """Whole blocks of `block_bytes` in `budget_bytes`, capped at CONTEXTS_PER_SLOT full contexts per
+    decode slot; 0 for a budget of 0. From sizes alone: `easympt plan` counts the pool by this rule too."""
+    if budget_bytes == 0:
+        return 0
+    if budget_bytes < block_bytes:
+        raise ValueError(f"prefix_cache_bytes {budget_bytes} cannot hold one block of the prefix cache "
+                         f"({block_tokens} tokens of every layer's keys and values: {block_bytes} bytes for this "
+                         "model and KV dtype); raise it, or 0 turns the cache off")
+    cap = CONTEXTS_PER_SLOT * batch_size * (max_length // block_tokens)
+    return int(min(budget_bytes // block_bytes, max(1, cap)))
 
 
 class BlockPool:
