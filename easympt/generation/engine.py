@@ -406,21 +406,17 @@ class GenerationEngine:
             """One decode step: a checked one (`checks`: the token and the drafts in one pass) or a plain one."""
             i, st, out, lps, ptr = carry
             index = st.cache.index
-            if T == 1:
-                history = with_current_token(st)
-                cache, draft_cache, taken, n_acc, scores = plain(st, None)
-                counts = st.spec_counts
+            history, drafts, n_draft, _ = proposal(st) if T > 1 else (with_current_token(st), None, None, None)
+            if checks:
+                draft_cache = None
+                if st.draft_cache is not None:
+                    drafts, draft_cache = drafted_by_model(st)
+                cache, draft_cache, taken, n_acc, scores = checked(st, drafts, n_draft, draft_cache)
+                counts = st.spec_counts + jnp.stack([jnp.sum(n_draft), jnp.sum(n_acc)])
             else:
-                history, drafts, n_draft, _ = proposal(st)
-                if not checks:
-                    cache, draft_cache, taken, n_acc, scores = plain(st, st.draft_cache)
-                    counts = st.spec_counts
-                else:
-                    draft_cache = None
-                    if st.draft_cache is not None:
-                        drafts, draft_cache = drafted_by_model(st)
-                    cache, draft_cache, taken, n_acc, scores = checked(st, drafts, n_draft, draft_cache)
-                    counts = st.spec_counts + jnp.stack([jnp.sum(n_draft), jnp.sum(n_acc)])
+                cache, draft_cache, taken, n_acc, scores = plain(st, st.draft_cache)
+                counts = st.spec_counts
+            if T > 1:  # the drafts sit past the current token until a step overwrites them
                 history = history.at[batch[:, None], jnp.where(st.active[:, None], index[:, None] + 1 +
                                                                jnp.arange(self.spec_k)[None], S)].set(drafts,
                                                                                                       mode="drop")
@@ -731,8 +727,7 @@ class ChunkedPrefill:
         chunk = slice(*self.bounds[self.next_chunk])
         self.cache, self.draft_cache, self.seen, last, lp = eng.extend(
             eng.params, self.tokens[:, chunk], self.mask[:, chunk], self.cache, self.draft_cache, self.seen,
-            self.following[:, chunk],
-                                                     with_logprobs=self.with_logprobs, adapter=self.adapter)
+            self.following[:, chunk], with_logprobs=self.with_logprobs, adapter=self.adapter)
         if lp is not None:
             self.scores.append(lp)
         self.next_chunk += 1
