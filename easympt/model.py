@@ -318,7 +318,7 @@ class FlaxMptForCausalLM(FlaxMptPreTrainedModel):
         seq = batch["sequence_id"] if self.config.attn_config.attn_uses_sequence_id else None
         logits, _ = self.module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], None, None,
                                       seq, deterministic, rngs={"dropout": rng})
-        targets = batch["input_ids"][:, 1:]
-        weights = batch["loss_mask"][:, 1:]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), targets)
+        targets = jnp.roll(batch["input_ids"], -1, axis=1)
+        weights = jnp.roll(batch["loss_mask"], -1, axis=1).at[:, -1].set(0)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
         return (ce * weights).sum() / jnp.maximum(weights.sum(), 1.0)
