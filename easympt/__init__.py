@@ -1,5 +1,9 @@
 """easympt: MosaicML's MPT in JAX/Flax — exact to the PyTorch model, sharded, served."""
 
+from easympt import host_memory
+
+host_memory.keep_freed_memory()  # before JAX's CPU runtime starts its threads (easympt.host_memory)
+
 from easympt.cache import KVCache
 from easympt.config import AttnConfig, ConfigError, FfnConfig, MptConfig
 from easympt.dtypes import default_compute_dtype

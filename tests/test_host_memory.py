@@ -1,0 +1,54 @@
+"""easympt.host_memory: after `import easympt`, a large block XLA frees is reused by the next call
+without page faults (glibc alone maps and unmaps it every call); EASYMPT_MALLOC=system keeps glibc's
+behaviour; an unknown value is refused by name."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+PROBE = textwrap.dedent("""
+    import resource
+    import easympt
+    import jax, jax.numpy as jnp
+    f = jax.jit(lambda x: x @ x.T)  # a 64 MB output each call, freed before the next
+    x = jnp.ones((4096, 64), jnp.float32)
+    faults = []
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        y = f(x)
+        y.block_until_ready()
+        del y
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(faults[-1], easympt.host_memory.keep_freed_memory())
+""")
+
+
+def _probe(env_value=None):
+    env = {k: v for k, v in os.environ.items() if k != "EASYMPT_MALLOC"}
+    if env_value is not None:
+        env["EASYMPT_MALLOC"] = env_value
+    return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the policy is glibc's (Linux)")
+def test_a_freed_block_is_reused_without_page_faults():
+    out = _probe()
+    assert out.returncode == 0, out.stderr[-2000:]
+    faults, applied = out.stdout.split()
+    assert applied == "True"
+    assert int(faults) < 1000, f"{faults} page faults re-using a freed 64 MB block (16,384 pages)"
+    system = _probe("system")
+    assert system.returncode == 0, system.stderr[-2000:]
+    faults, applied = system.stdout.split()
+    assert applied == "False"
+    assert int(faults) > 8000, "glibc's own policy maps a fresh block each call: the probe no longer tells"
+
+
+def test_an_unknown_policy_is_refused_by_name():
+    out = subprocess.run([sys.executable, "-c", "import easympt"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "EASYMPT_MALLOC": "jemalloc"})
+    assert out.returncode != 0
+    assert "EASYMPT_MALLOC='jemalloc'" in out.stderr
