@@ -84,9 +84,11 @@ class LoraDense(nn.Module):
             a = self.param("lora_a", a_init, (K, r), jnp.float32)
             b = self.param("lora_b", nn.initializers.zeros_init(), (r, N), jnp.float32)
             h = nn.Dropout(self.spec.dropout)(x, deterministic=self.deterministic or not self.spec.dropout)
-            dtype = y.dtype
-            delta = flat_tokens(lambda t: (t.astype(dtype) @ a.astype(dtype)) @ b.astype(dtype), h)
-            return y + delta * jnp.asarray(self.spec.scale, dtype)
+            dtype, scale = y.dtype, jnp.asarray(self.spec.scale, y.dtype)
+            # scaled on the rank-r side: [tokens, r] values, where scaling the [tokens, N] update
+            # (and its gradient) was one more pass over the layer's whole output each way
+            delta = flat_tokens(lambda t: ((t.astype(dtype) @ a.astype(dtype)) * scale) @ b.astype(dtype), h)
+            return y + delta
         a = self.param("lora_a", nn.initializers.zeros_init(), (L, K, r), jnp.float32)
         b = self.param("lora_b", nn.initializers.zeros_init(), (L, r, N), jnp.float32)
         rows = self.get_variable(ROWS, "rows")
