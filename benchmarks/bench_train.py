@@ -9,10 +9,13 @@ adapters trained. Peak RSS of each process is reported (easympt's includes writi
 checkpoint, so it is an upper bound).
 
 Both sides run AdamW with global-norm clipping in float32 on random tokens;
-the peer (benchmarks/peers.py transformers-train) runs in a child process with the same thread count,
-and the two are timed in turns, one step each (1 warm-up step, median of --steps). On a GPU both
-keep float32 weights and compute in bf16 (easympt's GPU default; torch autocast). Prints a table
-and one JSON line.
+the peer (benchmarks/peers.py transformers-train) runs in a child process with the same thread count.
+Steps are timed as a user runs them, back to back: in blocks, each system in turn running one untimed
+step and then its share of --steps, over --rounds rounds (timing.in_blocks); the median is reported.
+Before the peer's block easympt gives back the free memory its allocator keeps
+(easympt.host_memory): kept, it slowed PyTorch's steps in the other process by ~30% on this VM.
+On a GPU both keep float32 weights and compute in bf16 (easympt's GPU default; torch autocast).
+Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import time
 import numpy as np
 
 from peers import Peer
-from timing import in_turns
+from timing import in_blocks
 
 
 def step_flops(config, batch: int, seq: int) -> float:
@@ -65,7 +68,8 @@ def main() -> int:
     ap.add_argument("--geometry", default="mpt-125m")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per system (over --rounds blocks)")
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     ap.add_argument("--lora-targets", default="Wqkv,out_proj,up_proj,down_proj")
@@ -73,7 +77,7 @@ def main() -> int:
 
     import jax
 
-    from easympt import FlaxMptForCausalLM, MptConfig
+    from easympt import FlaxMptForCausalLM, MptConfig, host_memory
     from easympt.training import TrainConfig, Trainer
 
     config = MptConfig.preset(args.geometry, max_seq_len=max(args.seq_len, 2048))
@@ -93,9 +97,10 @@ def main() -> int:
             "loss_mask": np.ones((n, args.seq_len), np.float32),
             "attention_mask": np.ones((n, args.seq_len), np.int32)}
     tokens_per_step = args.batch * args.seq_len
+    block = -(-args.steps // args.rounds)  # timed steps per block
     with tempfile.TemporaryDirectory() as tmp:
         tc = TrainConfig(output_dir=os.path.join(tmp, "run"), seq_len=args.seq_len, batch_size=args.batch,
-                         max_steps=args.steps + 2, save_every=10**9, learning_rate=1e-4, warmup_steps=1)
+                         max_steps=1 + args.rounds * (block + 1), save_every=10**9, learning_rate=1e-4, warmup_steps=1)
         trainer = Trainer(model, trained, rows, tc)
         with contextlib.ExitStack() as stack:
             peer = None
@@ -124,7 +129,8 @@ def main() -> int:
                 return last["seconds"]
 
             steps = {"easympt": our_step, **({"transformers": their_step} if peer else {})}
-            times = in_turns(steps, args.steps, warmup=0)  # one step each, in turns
+            times = in_blocks(steps, args.rounds, block,
+                              before=lambda name: name != "easympt" and host_memory.give_back_free_memory())
         import resource
 
         ours = {"step_s": float(np.median(times["easympt"])), "compile_and_first_step_s": compile_s,

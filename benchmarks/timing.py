@@ -52,6 +52,22 @@ def in_turns(runs: dict, rounds: int, warmup: int = 1) -> dict[str, list]:
     return results
 
 
+def in_blocks(runs: dict, rounds: int, block: int, before=None) -> dict[str, list]:
+    """Work a user repeats back to back (training steps): each run `block + 1` times in a row, the first
+    untimed (it pays for taking the machine over), system after system, `rounds` times: name -> the
+    timed results. `before(name)` is called before each block (a process can give back memory it keeps
+    but no longer uses, so that it does not slow the next system; see easympt.host_memory)."""
+    results: dict[str, list] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            if before is not None:
+                before(name)
+            time.sleep(SETTLE_S)
+            run()
+            results[name].extend(run() for _ in range(block))
+    return results
+
+
 def timed(run, key: str, n_new: int) -> tuple[float, list]:
     """(seconds, greedy tokens) of one `run(key, n_new)`: how a system times itself, in its own process."""
     t0 = time.perf_counter()

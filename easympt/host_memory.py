@@ -11,7 +11,10 @@ no `mmap` for large blocks, no trimming of the heap's top.
 
 The cost: memory a process has used stays with it (its resident set is its high-water mark, which
 is what a server or a training run holds at its busiest anyway). `EASYMPT_MALLOC=system` keeps
-glibc's defaults. Applied once, when easympt is imported, so that it precedes JAX's CPU runtime
+glibc's defaults. `give_back_free_memory()` returns what the heap holds free (`malloc_trim`), for
+a process that is about to leave the machine to another: a PyTorch training step run between
+easympt's steps (in another process, on this 2-core VM) took 3.2-3.6 s where it takes 2.6-2.8 s
+beside a process that gave its free memory back first. Applied once, when easympt is imported, so that it precedes JAX's CPU runtime
 starting its threads; a process that ran JAX first still gets the heap settings for its own thread.
 Other C libraries (musl) and other systems are left alone.
 """
@@ -54,3 +57,10 @@ def keep_freed_memory() -> bool:
     _applied = all(mallopt(param, value) == 1 for param, value in
                    ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
     return _applied
+
+
+def give_back_free_memory() -> None:
+    """Return the heap's free memory to the system (glibc's malloc_trim); no-op where the policy is off.
+    The next large allocation then faults its pages in again."""
+    if keep_freed_memory():
+        ctypes.CDLL(None).malloc_trim(0)

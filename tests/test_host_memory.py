@@ -1,6 +1,6 @@
 """easympt.host_memory: after `import easympt`, a large block XLA frees is reused by the next call
-without page faults (glibc alone maps and unmaps it every call); EASYMPT_MALLOC=system keeps glibc's
-behaviour; an unknown value is refused by name."""
+without page faults (glibc alone maps and unmaps it every call) until give_back_free_memory();
+EASYMPT_MALLOC=system keeps glibc's behaviour; an unknown value is refused by name."""
 
 import os
 import subprocess
@@ -22,7 +22,11 @@ PROBE = textwrap.dedent("""
         y.block_until_ready()
         del y
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(faults[-1], easympt.host_memory.keep_freed_memory())
+    easympt.host_memory.give_back_free_memory()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f(x).block_until_ready()
+    after_giving_back = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    print(faults[-1], easympt.host_memory.keep_freed_memory(), after_giving_back)
 """)
 
 
@@ -37,12 +41,13 @@ def _probe(env_value=None):
 def test_a_freed_block_is_reused_without_page_faults():
     out = _probe()
     assert out.returncode == 0, out.stderr[-2000:]
-    faults, applied = out.stdout.split()
+    faults, applied, after_giving_back = out.stdout.split()
     assert applied == "True"
     assert int(faults) < 1000, f"{faults} page faults re-using a freed 64 MB block (16,384 pages)"
+    assert int(after_giving_back) > 8000, "give_back_free_memory() kept the block"
     system = _probe("system")
     assert system.returncode == 0, system.stderr[-2000:]
-    faults, applied = system.stdout.split()
+    faults, applied, _ = system.stdout.split()
     assert applied == "False"
     assert int(faults) > 8000, "glibc's own policy maps a fresh block each call: the probe no longer tells"
 
