@@ -32,6 +32,26 @@ def pytest_unconfigure(config):
         shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop the programs XLA compiled for it. Each compiled XLA:CPU program
+    holds ~14 memory mappings of JIT code, and a worker that ran half the suite reached the kernel's
+    limit of 65,530 (vm.max_map_count): the next compilation's mmap failed and the worker aborted
+    (fatal signal mid-compile, seen twice in test_speculative). Engines of finished modules are
+    garbage, but reference cycles keep their compiled programs until a collection, and jit caches of
+    module-level functions keep theirs for good. Later modules reload from the run's compilation cache."""
+    yield
+    import gc
+
+    import jax
+
+    gc.collect()
+    jax.clear_caches()
+    if os.environ.get("EASYMPT_TESTS_REPORT_MAPS"):
+        with open("/proc/self/maps") as fh:
+            print(f"\n[memory mappings after the module: {sum(1 for _ in fh)}]", flush=True)
+
+
 BASE = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=64)
 
 
