@@ -14,9 +14,11 @@ is what a server or a training run holds at its busiest anyway). `EASYMPT_MALLOC
 glibc's defaults. `give_back_free_memory()` returns what the heap holds free (`malloc_trim`), for
 a process that is about to leave the machine to another: a PyTorch training step run between
 easympt's steps (in another process, on this 2-core VM) took 3.2-3.6 s where it takes 2.6-2.8 s
-beside a process that gave its free memory back first. Applied once, when easympt is imported, so that it precedes JAX's CPU runtime
-starting its threads; a process that ran JAX first still gets the heap settings for its own thread.
-Other C libraries (musl) and other systems are left alone.
+beside a process that gave its free memory back first.
+
+Applied once, when easympt is imported, so that it precedes JAX's CPU runtime starting its threads;
+a process that ran JAX first still gets the heap settings for its own thread. Other C libraries
+(musl) and other systems are left alone.
 """
 
 from __future__ import annotations
@@ -47,11 +49,11 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)
-        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except OSError:
         return False
-    del gnu_get_libc_version
+    if not hasattr(libc, "gnu_get_libc_version"):  # glibc's mallopt parameters only
+        return False
+    mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     # -1 as the trim threshold is SIZE_MAX inside glibc: the heap's top is never given back
     _applied = all(mallopt(param, value) == 1 for param, value in
