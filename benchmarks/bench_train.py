@@ -100,7 +100,8 @@ def main() -> int:
     block = -(-args.steps // args.rounds)  # timed steps per block
     with tempfile.TemporaryDirectory() as tmp:
         tc = TrainConfig(output_dir=os.path.join(tmp, "run"), seq_len=args.seq_len, batch_size=args.batch,
-                         max_steps=1 + args.rounds * (block + 1), save_every=10**9, learning_rate=1e-4, warmup_steps=1)
+                         max_steps=1 + args.rounds * (block + 1), save_every=10**9, learning_rate=1e-4,
+                         warmup_steps=1)
         trainer = Trainer(model, trained, rows, tc)
         with contextlib.ExitStack() as stack:
             peer = None
@@ -129,8 +130,11 @@ def main() -> int:
                 return last["seconds"]
 
             steps = {"easympt": our_step, **({"transformers": their_step} if peer else {})}
-            times = in_blocks(steps, args.rounds, block,
-                              before=lambda name: name != "easympt" and host_memory.give_back_free_memory())
+            def before_block(name):
+                if name != "easympt":  # the peer's turn: easympt's kept free memory would slow it
+                    host_memory.give_back_free_memory()
+
+            times = in_blocks(steps, args.rounds, block, before=before_block)
         import resource
 
         ours = {"step_s": float(np.median(times["easympt"])), "compile_and_first_step_s": compile_s,
