@@ -391,9 +391,12 @@ class GenerationEngine:
 
         def proposal(st):
             """(history with the current token at its slot, drafts [B, k], drafts to check [B], whether the
-            step checks drafts): prompt lookup's drafts here; a draft model's are made in the step."""
+            step checks drafts): prompt lookup's drafts here; a draft model's are made in the step.
+            Without speculation only the history."""
             index = st.cache.index
             history = with_current_token(st)
+            if T == 1:
+                return history, None, None, jnp.bool_(False)
             room = jnp.all(index + T <= (window or S))  # every row's k + 1 slots fit: none is clamped
             if st.draft_cache is not None:
                 drafts, n_draft = jnp.zeros((B, self.spec_k), jnp.int32), jnp.full((B,), self.spec_k, jnp.int32)
@@ -403,10 +406,11 @@ class GenerationEngine:
             return history, drafts, n_draft, jnp.any(n_draft > 0) & room
 
         def body(carry, checks: bool):
-            """One decode step: a checked one (`checks`: the token and the drafts in one pass) or a plain one."""
-            i, st, out, lps, ptr = carry
+            """One decode step: a checked one (`checks`: the token and the drafts in one pass) or a plain one.
+            The carry holds the step's proposal, made once at the end of the step before (the loops'
+            predicates read whether it checks); a plain step leaves its drafts out of the history."""
+            i, st, out, lps, ptr, (history, drafts, n_draft, _) = carry
             index = st.cache.index
-            history, drafts, n_draft, _ = proposal(st) if T > 1 else (with_current_token(st), None, None, None)
             if checks:
                 draft_cache = None
                 if st.draft_cache is not None:
@@ -416,7 +420,7 @@ class GenerationEngine:
             else:
                 cache, draft_cache, taken, n_acc, scores = plain(st, st.draft_cache)
                 counts = st.spec_counts
-            if T > 1:  # the drafts sit past the current token until a step overwrites them
+            if checks:  # the drafts sit past the current token until a step overwrites them
                 history = history.at[batch[:, None], jnp.where(st.active[:, None], index[:, None] + 1 +
                                                                jnp.arange(self.spec_k)[None], S)].set(drafts,
                                                                                                       mode="drop")
@@ -445,11 +449,11 @@ class GenerationEngine:
             last = jnp.take_along_axis(taken, n_acc[:, None], axis=1)[:, 0]
             st = st.replace(cache=cache, token=jnp.where(st.active, last, st.token), active=st.active & ~done,
                             n_new=n_new, seen=seen, history=history, spec_counts=counts, draft_cache=draft_cache)
-            return i + 1, st, out, lps, ptr + count
+            return i + 1, st, out, lps, ptr + count, proposal(st)
 
-        init = (jnp.int32(0), state, out, lps, jnp.zeros((B,), jnp.int32))
+        init = (jnp.int32(0), state, out, lps, jnp.zeros((B,), jnp.int32), proposal(state))
         if T == 1:
-            _, state, out, lps, _ = jax.lax.while_loop(running, functools.partial(body, checks=False), init)
+            _, state, out, lps, *_ = jax.lax.while_loop(running, functools.partial(body, checks=False), init)
             return state, out, lps
 
         # Plain steps while no row has drafts, checked steps while some row has: two inner loops instead of
@@ -457,7 +461,7 @@ class GenerationEngine:
         # (1.0 ms of a 2.2 ms checked step on the demo model's 1,024-slot cache). Each outer round takes
         # at least one step.
         def checks_now(carry):
-            return proposal(carry[1])[3]
+            return carry[-1][3]
 
         def round_of_steps(carry):
             carry = jax.lax.while_loop(lambda c: running(c) & ~checks_now(c), functools.partial(body, checks=False),
@@ -465,7 +469,7 @@ class GenerationEngine:
             return jax.lax.while_loop(lambda c: running(c) & checks_now(c), functools.partial(body, checks=True),
                                       carry)
 
-        _, state, out, lps, _ = jax.lax.while_loop(running, round_of_steps, init)
+        _, state, out, lps, *_ = jax.lax.while_loop(running, round_of_steps, init)
         return state, out, lps
 
     # -------------------------------------------------------------- adapters
