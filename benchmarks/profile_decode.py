@@ -3,7 +3,7 @@ share) against the whole cached step, by batch and cache length (rows holding
 half the cache); with easympt's CPU kernels built, the step with them too (what
 the engine runs on CPU).
 
-    python benchmarks/profile_decode.py [--geometry mpt-125m] [--windows]
+    python benchmarks/profile_decode.py [--geometry mpt-125m] [--windows] [--speculative K]
 
 Prints a table and one JSON line. For a timeline, wrap a step in
 jax.profiler.trace(...) and open it in Perfetto; this script gives the
@@ -36,16 +36,19 @@ def ms(f, *args, reps=20):
     return (time.perf_counter() - t0) / reps * 1e3
 
 
-def step_ms(model, params, B: int, S: int, held: int = 0, window: int | None = None, n: int = 16) -> float:
+def step_ms(model, params, B: int, S: int, held: int = 0, window: int | None = None, n: int = 16,
+            width: int = 1) -> float:
     """ms per decode step: n steps chained in one dispatch, every row holding `held` of S cache slots,
-    attending over the first `window` slots (None: all of them), as the engine does."""
+    attending over the first `window` slots (None: all of them), as the engine does. `width`: tokens
+    per row and step (k + 1 for a speculative step checking k drafts)."""
 
     def steps(params, tok, cache):
         # params is an argument, not a closure: closed-over arrays become HLO constants
         def body(i, carry):
             tok, cache = carry
             logits, cache = model.module.apply({"params": params}, tok, None, cache, cache_window=window)
-            return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
+            nxt = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
+            return jnp.repeat(nxt, width, axis=1), cache
         return jax.lax.fori_loop(0, n, body, (tok, cache))
 
     def holding(cache):
@@ -53,7 +56,7 @@ def step_ms(model, params, B: int, S: int, held: int = 0, window: int | None = N
                              key_valid=jnp.broadcast_to(jnp.arange(S) < held, (B, S)))
 
     loop = jax.jit(steps, donate_argnums=(2,))
-    tok = jnp.zeros((B, 1), jnp.int32)
+    tok = jnp.zeros((B, width), jnp.int32)
     tok, cache = loop(params, tok, holding(model.init_cache(B, S)))
     cache = holding(cache)
     jax.block_until_ready((tok, cache))  # dispatch is async: the warm-up must finish first
@@ -65,6 +68,22 @@ def step_ms(model, params, B: int, S: int, held: int = 0, window: int | None = N
 
 # (cache slots, tokens the row holds, windows): what a server with a long max_length reads per step
 WINDOW_CASES = ((8192, 32, (None, 128)), (8192, 1000, (None, 2048, 1024)), (65536, 1000, (None, 16384, 4096)))
+
+
+def checked_table(model, params, packed, k: int) -> list[dict]:
+    """A speculative step's cost: K + 1 tokens a row against one, rows holding 64 of 256 slots, on the
+    engine's weights (packed where the CPU kernels run). A step that reads every weight once costs
+    about the same for both: what a checked step's accepted drafts save."""
+    runs = packed or (model, params)
+    rows = []
+    for B in (1, 8):
+        plain, checked = step_ms(*runs, B, 256, 64, n=8), step_ms(*runs, B, 256, 64, n=8, width=k + 1)
+        rows.append({"batch": B, "k": k, "plain_step_ms": plain, "checked_step_ms": checked,
+                     "checked_over_plain": checked / plain})
+    print(f"{'batch':>5s}{'plain step ms':>15s}{f'step of {k + 1} tokens ms':>22s}{'ratio':>8s}")
+    for r in rows:
+        print(f"{r['batch']:5d}{r['plain_step_ms']:15.2f}{r['checked_step_ms']:22.2f}{r['checked_over_plain']:8.2f}")
+    return rows
 
 
 def window_table(model, params) -> list[dict]:
@@ -82,6 +101,8 @@ def window_table(model, params) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--geometry", default="mpt-125m")
+    ap.add_argument("--speculative", type=int, default=0, metavar="K",
+                    help="also time a step that checks K drafts (K + 1 tokens a row) against a plain one")
     ap.add_argument("--windows", action="store_true",
                     help="also time batch-1 steps over cache windows in 8k and 65k-slot caches (5 GB)")
     args = ap.parse_args()
@@ -114,8 +135,9 @@ def main() -> int:
               f"{r['lm_head_ms']:12.1f}{r['step_ms'] - r['matmuls_ms']:10.1f}"
               f"{r['packed_step_ms'] or float('nan'):16.1f}")
     windows = window_table(model, params) if args.windows else None
+    checked = checked_table(model, params, packed, args.speculative) if args.speculative else None
     print(json.dumps({"geometry": args.geometry, "backend": jax.default_backend(), **machine(), "rows": rows,
-                      "windows": windows}))
+                      "windows": windows, "speculative": checked}))
     return 0
 
 
