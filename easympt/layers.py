@@ -6,6 +6,7 @@ G = H // K query heads per kv head, D head dim, E d_model, F ffn width.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -108,8 +109,57 @@ def make_norm(config: MptConfig, name: str, dtype, param_dtype) -> nn.Module:
     variants differ from the plain ones only in autocast dtype)."""
     if config.norm_type.endswith("rmsnorm"):
         return nn.RMSNorm(epsilon=config.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
-    return nn.LayerNorm(epsilon=config.layer_norm_epsilon, use_bias=not config.no_bias,
-                        use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name)
+    return LayerNorm(epsilon=config.layer_norm_epsilon, use_bias=not config.no_bias, dtype=dtype,
+                     param_dtype=param_dtype, name=name)
+
+
+class LayerNorm(nn.Module):
+    """flax's `nn.LayerNorm(use_fast_variance=False)` — the same parameters, the same float32
+    statistics and the same output bits — with its backward written out (`layer_norm`)."""
+    epsilon: float
+    use_bias: bool = True
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        features = (x.shape[-1],)
+        scale = self.param("scale", nn.initializers.ones, features, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, features, self.param_dtype) if self.use_bias else None
+        y = layer_norm(x, scale, jnp.zeros_like(scale) if bias is None else bias, self.epsilon)
+        return y.astype(self.dtype or jnp.result_type(x, scale, *([] if bias is None else [bias])))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, epsilon: float):
+    """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in float32. The backward is
+    the textbook one (two row means of the incoming gradient); XLA:CPU's autodiff of the same
+    forward took ~1.3x as long for fwd + bwd of a [4, 256, 768] activation (16.0 vs 12.0 ms). In
+    mpt-125m's LoRA step (25 norms, batch 4 x 256, both compiled in one process, in turns) the
+    median step went 2.408 -> 2.381 s and 2.559 -> 2.486 s in two runs."""
+    return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+    xf = x.astype(jnp.float32)
+    centred = xf - jnp.mean(xf, -1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centred), -1, keepdims=True) + epsilon)
+    y = centred * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)  # flax's order of operations
+    return y, (centred, rstd, scale, bias, jnp.zeros((), x.dtype))
+
+
+def _layer_norm_bwd(epsilon, residuals, dy):
+    centred, rstd, scale, bias, x_type = residuals
+    dy = dy.astype(jnp.float32)
+    xhat = centred * rstd
+    g = dy * scale.astype(jnp.float32)
+    dx = rstd * (g - jnp.mean(g, -1, keepdims=True) - xhat * jnp.mean(g * xhat, -1, keepdims=True))
+    rows = tuple(range(dy.ndim - 1))
+    return (dx.astype(x_type.dtype), jnp.sum(dy * xhat, rows).astype(scale.dtype),
+            jnp.sum(dy, rows).astype(bias.dtype))
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 # ---------------------------------------------------------------- base module
