@@ -127,7 +127,7 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, features, self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, features, self.param_dtype) if self.use_bias else None
         y = layer_norm(x, scale, jnp.zeros_like(scale) if bias is None else bias, self.epsilon)
-        return y.astype(self.dtype or jnp.result_type(x, scale, *([] if bias is None else [bias])))
+        return y.astype(self.dtype or jnp.result_type(x, scale))  # bias, if any, is of scale's dtype
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
