@@ -8,6 +8,7 @@ import pytest
 from conftest import full_config, random_state_dict, write_checkpoint
 from easympt import FlaxMptForCausalLM
 from easympt.generation import Generator, SamplingConfig
+from easympt.generation.sampling import greedy_tokens
 from easympt.transform import mpt_from_pretrained
 
 PROMPTS = ["def forward(self, x):", "import jax", "class KVCache:\n    keys: tuple  # per layer"]
@@ -97,6 +98,22 @@ def test_greedy_equals_transformers_generate(lm_checkpoint, tokenizer, prompts):
     for r, want in zip(ours, ref):
         assert r.token_ids == want
         assert len(r.token_ids) == 48 and r.finish_reason == "length"
+
+
+def test_greedy_tokens_is_argmax():
+    """The two-pass greedy choice equals jnp.argmax: ties go to the first, a NaN wins, -inf rows give 0."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 50368)).astype(np.float32)
+    x[1, [7, 90, 4000]] = 50.0  # a tie
+    x[2, [11, 3]] = np.nan
+    x[3] = -np.inf
+    x[4, 5] = np.inf
+    x[5] = 0.0
+    for logits in (jnp.asarray(x), jnp.asarray(x, jnp.bfloat16), jnp.asarray(x[:, :100]).reshape(2, 4, 100)):
+        got = np.asarray(greedy_tokens(logits))
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, np.asarray(jnp.argmax(logits, axis=-1)))
+    np.testing.assert_array_equal(np.asarray(greedy_tokens(jnp.asarray(x)))[1:6], [7, 3, 0, 5, 0])
 
 
 def test_seed_controls_sampling_without_recompiles(gen):

@@ -23,8 +23,8 @@ from easympt.adapters import lora
 from easympt.adapters.peft_format import layer_dims
 from easympt.cache import KVCache, cache_rows, resolve_kv_dtype
 from easympt.generation import speculative
-from easympt.generation.sampling import (MAX_LOGPROBS, NO_STOP, SamplingConfig, SamplingRows, TokenLogprobs, sample,
-                                        token_logprobs)
+from easympt.generation.sampling import (MAX_LOGPROBS, NO_STOP, SamplingConfig, SamplingRows, TokenLogprobs,
+                                        greedy_tokens, sample, token_logprobs)
 from easympt.kernels import cpu, linear
 from easympt.model import FlaxMptForCausalLM, unwrap_params
 
@@ -379,7 +379,7 @@ class GenerationEngine:
             def one(carry, _):
                 token, c = carry
                 logits, c = self._draft_forward(dparams, token[:, None], st.active[:, None], c, (0, 1), window)
-                nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+                nxt = greedy_tokens(logits[:, 0])
                 return (nxt, c), nxt
 
             (_, draft_cache), outs = jax.lax.scan(one, (st.token, st.draft_cache), None, length=T)

@@ -119,6 +119,17 @@ def token_logprobs(logits, tokens) -> TokenLogprobs:
     return TokenLogprobs(tokens, chosen, top_ids.astype(jnp.int32), top)
 
 
+def greedy_tokens(logits) -> jax.Array:
+    """jnp.argmax(logits, -1) as int32 (the first maximum; a NaN counts as the maximum), in two
+    vectorised passes. XLA:CPU lowers argmax to a variadic (value, index) reduce that it does not
+    vectorise: over mpt's 50,368-token vocabulary 0.97 ms a decode step at batch 8 against 0.62 ms
+    for the max and the first index that reaches it (0.20 / 0.12 ms at batch 1; Intel Xeon, 2 cores)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == top) | jnp.isnan(logits)
+    vocab = logits.shape[-1]
+    return jnp.min(jnp.where(hit, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+
+
 def apply_repetition_penalty(logits, seen, penalty):
     """logits [B, V], seen [B, V] bool, penalty [B]."""
     p = penalty[:, None]
@@ -147,7 +158,7 @@ def sample(logits, rows: SamplingRows, step, seen=None):
     logits = logits.astype(jnp.float32)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, rows.repetition_penalty)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = greedy_tokens(logits)
 
     def draw(_):
         masked, order = filter_logits(logits, rows)

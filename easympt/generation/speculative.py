@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from easympt.generation.sampling import SamplingRows, apply_repetition_penalty, filter_logits
+from easympt.generation.sampling import SamplingRows, apply_repetition_penalty, filter_logits, greedy_tokens
 
 MAX_NGRAM, MIN_NGRAM = 3, 1
 
@@ -59,7 +59,7 @@ def verify(logits, drafts, n_draft, rows: SamplingRows, step, seen):
         drafted = i < n_draft
         d = drafts[:, i] if i < T - 1 else jnp.zeros((B,), jnp.int32)
         lg = apply_repetition_penalty(logits[:, i].astype(jnp.float32), seen, rows.repetition_penalty)
-        best = jnp.argmax(lg, axis=-1).astype(jnp.int32)
+        best = greedy_tokens(lg)
 
         def draw(_, lg=lg, d=d, drafted=drafted, i=i):
             masked, order = filter_logits(lg, rows)
