@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from easympt import FlaxMptForCausalLM, MptConfig
+from easympt.generation.sampling import greedy_tokens
 from easympt.kernels import cpu, linear
 from timing import machine
 
@@ -47,7 +48,7 @@ def step_ms(model, params, B: int, S: int, held: int = 0, window: int | None = N
         def body(i, carry):
             tok, cache = carry
             logits, cache = model.module.apply({"params": params}, tok, None, cache, cache_window=window)
-            nxt = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
+            nxt = greedy_tokens(logits[:, -1])[:, None]  # the engine's greedy choice
             return jnp.repeat(nxt, width, axis=1), cache
         return jax.lax.fori_loop(0, n, body, (tok, cache))
 
